@@ -1,0 +1,99 @@
+"""The `stag4d` command line. The only place (with server/) that prints or parses argv."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+EXIT_USAGE = 2          # bad input: a clear one-line message, nothing half-written
+EXIT_NOT_IMPLEMENTED = 3
+
+# Subcommands of the design that do not exist yet, with the issue that brings them. They refuse clearly.
+_NOT_YET = {
+    "generate": "the full pipeline (preprocess, anchors, fit, bake) arrives with the engine and generative issues",
+    "fit": "fitting arrives with the 4D Gaussian engine issue",
+    "render": "rendering a fitted model arrives with the 4D Gaussian engine issue",
+    "bake": "baking (per-frame PLY, USD, mesh) arrives with the bake/export issue",
+    "serve": "the HTTP backend arrives with the server issue",
+    "models": "the model registry arrives with the generative-stages issue",
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stag4d",
+        description="STAG4D for Blender: turn a video, an image or a prompt into animated 3D Gaussians.",
+    )
+    p.add_argument("--version", action="version", version=f"stag4d {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="full pipeline from a video/image file or --prompt TEXT into a job directory")
+    g.add_argument("input", nargs="?", help="video or image file")
+    g.add_argument("--prompt", help="text prompt instead of an input file")
+    g.add_argument("--example", action="store_true", help="run the bundled example (CPU, minutes)")
+    g.add_argument("-o", "--output", required=True, help="job directory")
+    g.add_argument("--preset", default=None)
+    g.add_argument("--seed", type=int, default=None)
+
+    f = sub.add_parser("fit", help="fit 4D Gaussians to a STAG4D-layout data directory")
+    f.add_argument("data_dir")
+    f.add_argument("-o", "--output", required=True)
+    f.add_argument("--preset", default=None)
+    f.add_argument("--iters", type=int)
+    f.add_argument("--resolution", type=int)
+    f.add_argument("--device")
+    f.add_argument("--seed", type=int)
+
+    r = sub.add_parser("render", help="render a fitted model from the cameras in a JSON file")
+    r.add_argument("out_dir")
+    r.add_argument("--cameras", required=True)
+    r.add_argument("-o", "--output", required=True)
+
+    b = sub.add_parser("bake", help="bake per-frame Gaussians to PLY / USD / mesh")
+    b.add_argument("out_dir")
+    b.add_argument("--formats", default="usd,ply")
+    b.add_argument("--fps", type=float)
+    b.add_argument("--frames", type=int)
+
+    s = sub.add_parser("serve", help="run the local HTTP backend for the Blender add-on")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0)
+    s.add_argument("--token-file")
+    s.add_argument("--jobs-dir")
+
+    m = sub.add_parser("models", help="list or download the diffusion models")
+    m.add_argument("action", nargs="?", choices=["list", "download"], default="list")
+    m.add_argument("name", nargs="?")
+
+    sub.add_parser("doctor", help="report device, memory, disk, CPU kernel, installed weights")
+    return p
+
+
+def _doctor() -> int:
+    from .doctor import collect_report
+
+    for key, value in collect_report().items():
+        print(f"{key:>22}: {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.command == "doctor":
+        return _doctor()
+    if args.command in _NOT_YET:
+        print(f"stag4d {args.command}: not implemented yet in this version: {_NOT_YET[args.command]}.",
+              file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`stag4d doctor`: what this machine offers the backend. Gathers facts; printing is the CLI's job."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from pathlib import Path
+
+
+def _memory_gib() -> str:
+    try:
+        with open("/proc/meminfo") as fh:
+            info = dict(line.split(":", 1) for line in fh)
+        total = int(info["MemTotal"].split()[0]) / 2**20
+        avail = int(info["MemAvailable"].split()[0]) / 2**20
+        return f"{avail:.1f} GiB available of {total:.1f} GiB"
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+def collect_report(cwd: str | os.PathLike = ".") -> dict[str, str]:
+    from . import __version__
+
+    report: dict[str, str] = {
+        "stag4d": __version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "cpu cores": str(os.cpu_count()),
+        "memory": _memory_gib(),
+    }
+    disk = shutil.disk_usage(Path(cwd).resolve())
+    report["disk free (cwd)"] = f"{disk.free / 2**30:.1f} GiB"
+    try:
+        import torch
+
+        report["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            report["device"] = f"cuda: {props.name}, {props.total_memory / 2**30:.1f} GiB"
+        else:
+            report["device"] = f"cpu ({torch.get_num_threads()} threads); no CUDA device: fits run slowly"
+    except ImportError:
+        report["torch"] = "NOT INSTALLED: run bash install_scripts/install.sh"
+    try:
+        from .render.rasterize import available_backends
+
+        report["rasteriser backends"] = ", ".join(available_backends())
+    except ImportError as exc:  # the render package is incomplete in a broken install
+        report["rasteriser backends"] = f"unavailable ({exc})"
+    return report
