@@ -13,8 +13,6 @@ EXIT_NOT_IMPLEMENTED = 3
 # Subcommands of the design that do not exist yet, with the issue that brings them. They refuse clearly.
 _NOT_YET = {
     "generate": "the full pipeline (preprocess, anchors, fit, bake) arrives with the engine and generative issues",
-    "fit": "fitting arrives with the 4D Gaussian engine issue",
-    "render": "rendering a fitted model arrives with the 4D Gaussian engine issue",
     "bake": "baking (per-frame PLY, USD, mesh) arrives with the bake/export issue",
     "serve": "the HTTP backend arrives with the server issue",
     "models": "the model registry arrives with the generative-stages issue",
@@ -45,11 +43,17 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resolution", type=int)
     f.add_argument("--device")
     f.add_argument("--seed", type=int)
+    f.add_argument("--guidance", choices=["anchors", "sds", "sds+anchors"],
+                   help="default: the preset's (sds needs Zero123-XL weights; without them 'anchors' is used)")
+    f.add_argument("--frames", help="frame selection, e.g. 0-15 or 0,2,4 (default: all frames in ref/)")
+    f.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser("render", help="render a fitted model from the cameras in a JSON file")
     r.add_argument("out_dir")
-    r.add_argument("--cameras", required=True)
+    r.add_argument("--cameras", help="JSON list of {index, frame, elevation, azimuth, radius, fovy, size}")
     r.add_argument("-o", "--output", required=True)
+    r.add_argument("--turntable", metavar="MP4", help="also write a turntable video to this path")
 
     b = sub.add_parser("bake", help="bake per-frame Gaussians to PLY / USD / mesh")
     b.add_argument("out_dir")
@@ -79,6 +83,80 @@ def _doctor() -> int:
     return 0
 
 
+def _parse_frames(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    frames: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            frames.extend(range(int(a), int(b) + 1))
+        else:
+            frames.append(int(part))
+    return frames
+
+
+def _fit(args) -> int:
+    import dataclasses
+
+    from .config import get_preset
+    from .dataset import DataError
+    from .stages.fit import FitError, fit
+    from .progress import FitProgressBar
+
+    try:
+        cfg = get_preset(args.preset or "preview")
+        if args.iters:
+            cfg = cfg.with_iters(args.iters)
+        if args.resolution:
+            cfg = cfg.with_resolution(args.resolution)
+        overrides = {k: v for k, v in (("device", args.device), ("seed", args.seed), ("guidance", args.guidance),
+                                       ("num_threads", args.threads)) if v}
+        cfg = dataclasses.replace(cfg, **overrides)
+        frames = _parse_frames(args.frames)
+    except ValueError as exc:
+        print(f"stag4d fit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    bar = None if args.quiet else FitProgressBar(cfg.iters)
+    try:
+        outcome = fit(args.data_dir, args.output, cfg, guidance_explicit=args.guidance is not None, frames=frames,
+                      progress=bar.update if bar else None)
+    except (DataError, FitError) as exc:
+        print(f"stag4d fit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if bar:
+            bar.close()
+    for note in outcome.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if outcome.status == "already_finished":
+        print(f"{outcome.out_dir}: already fitted ({outcome.iterations} iterations); nothing to do")
+    else:
+        resumed = f", resumed from step {outcome.resumed_from}" if outcome.resumed_from else ""
+        print(f"fitted {outcome.num_gaussians} Gaussians in {outcome.iterations} steps "
+              f"({outcome.elapsed_s:.0f} s{resumed}) -> {outcome.out_dir}")
+    return 0
+
+
+def _render(args) -> int:
+    from .fitted import FittedModelError
+    from .stages.render import CamerasError, render_cameras, render_turntable
+
+    if not args.cameras and not args.turntable:
+        print("stag4d render: give --cameras CAMERAS.json and/or --turntable OUT.mp4", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.cameras:
+            written = render_cameras(args.out_dir, args.cameras, args.output)
+            print(f"wrote {len(written)} images to {args.output}")
+        if args.turntable:
+            print(f"wrote {render_turntable(args.out_dir, args.turntable)}")
+    except (CamerasError, FittedModelError) as exc:
+        print(f"stag4d render: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -87,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "doctor":
         return _doctor()
+    if args.command == "fit":
+        return _fit(args)
+    if args.command == "render":
+        return _render(args)
     if args.command in _NOT_YET:
         print(f"stag4d {args.command}: not implemented yet in this version: {_NOT_YET[args.command]}.",
               file=sys.stderr)

@@ -1,0 +1,161 @@
+"""The public rasteriser: one camera, RGB + alpha + expected depth, differentiable.
+
+``rasterize`` reproduces gsplat 1.5 ``rasterization(..., rasterize_mode="classic", render_mode="RGB+ED")``
+for one pinhole camera, with the background composited as ``rgb + (1 - alpha) * background``. See
+``docs/rasterizer.md`` for the semantics and the backends.
+
+Backends (``backend=``):
+
+* ``"auto"``: CUDA tensors -> ``"gsplat"``; CPU -> ``"cpp"`` when the compiled compositor is importable,
+  available and the dtype is float32, otherwise ``"torch"``.
+* ``"torch"``: EWA projection in PyTorch (``projection.py``) + tiled PyTorch compositor
+  (``composite_torch.py``). Any device, float32 or float64.
+* ``"cpp"``: same projection + the compiled CPU compositor ``composite_cpp.composite_cpp`` (same contract as
+  ``composite_torch``). RuntimeError if it is not available.
+* ``"gsplat"``: gsplat's CUDA kernels (``gsplat_backend.py``).
+* ``"reference"``: same projection + the dense reference compositor (``reference.py``); tests only, slow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .composite_torch import composite_torch
+from .projection import project_gaussians
+
+BACKENDS = ("auto", "torch", "cpp", "gsplat", "reference")
+
+
+@dataclass
+class RasterResult:
+    rgb: Tensor  # [H, W, 3] composited over the background
+    alpha: Tensor  # [H, W] accumulated opacity
+    depth: Tensor  # [H, W] expected depth (camera z), 0 where nothing was drawn
+    means2d: Tensor  # [N, 2] pixel coordinates; .grad is populated by backward when it requires grad
+    radii: Tensor  # [N] int32, max of the x/y radii in pixels, 0 = not drawn
+    backend: str = "torch"  # the backend that actually ran
+
+
+def _load_cpp() -> Union[Callable, None]:
+    """The compiled compositor if importable and usable, else None."""
+    try:
+        from .composite_cpp import composite_cpp, cpp_available  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        if not cpp_available():
+            return None
+    except Exception:
+        return None
+    return composite_cpp
+
+
+def cpp_compositor_available() -> bool:
+    return _load_cpp() is not None
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine, best first for their device (for ``stag4d doctor``).
+    May build the compiled CPU kernel on first use (see docs/cpu_kernel.md)."""
+    from .gsplat_backend import gsplat_available
+
+    names = []
+    if gsplat_available():
+        names.append("gsplat")
+    if cpp_compositor_available():
+        names.append("cpp")
+    names.append("torch")
+    return names
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Which backend ``rasterize`` would run for these tensors (raises for impossible requests)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown rasterizer backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "gsplat"
+        if dtype == torch.float32 and _load_cpp() is not None:
+            return "cpp"
+        return "torch"
+    if backend == "cpp" and _load_cpp() is None:
+        raise RuntimeError(
+            "backend='cpp' was requested but the compiled CPU compositor is not available "
+            "(stag4d_backend.render.composite_cpp is missing, failed to build, or cpp_available() is False); "
+            "use backend='torch' or 'auto'"
+        )
+    return backend
+
+
+def _as_tensor(x, device, dtype) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.to(device=device, dtype=dtype)
+    return torch.as_tensor(x, device=device, dtype=dtype)
+
+
+def rasterize(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmat: Tensor,
+    K: Tensor,
+    width: int,
+    height: int,
+    background: Union[Tensor, Sequence[float]],
+    *,
+    near: float = 0.01,
+    far: float = 1e10,
+    eps2d: float = 0.3,
+    backend: str = "auto",
+) -> RasterResult:
+    """Render N 3D Gaussians with one pinhole camera.
+
+    Args:
+        means [N, 3] world positions; quats [N, 4] (w, x, y, z), need not be normalised; scales [N, 3]
+        linear; opacities [N] in 0..1; colors [N, 3] in 0..1; viewmat [4, 4] world->camera (OpenCV: x right,
+        y down, z forward); K [3, 3] pinhole intrinsics; width, height in pixels; background [3].
+    Returns:
+        RasterResult(rgb [H, W, 3], alpha [H, W], depth [H, W], means2d [N, 2], radii [N] int32, backend).
+    """
+    width, height = int(width), int(height)
+    device, dtype = means.device, means.dtype
+    which = resolve_backend(backend, device, dtype)
+    bg = _as_tensor(background, device, dtype).reshape(3)
+
+    if which == "gsplat":
+        from .gsplat_backend import rasterize_gsplat
+
+        image, alpha, means2d, radii_xy, _ = rasterize_gsplat(
+            means, quats, scales, opacities, colors, viewmat, K, width, height, near, far, eps2d
+        )
+    else:
+        proj = project_gaussians(means, quats, scales, opacities, viewmat, K, width, height,
+                                 near=near, far=far, eps2d=eps2d)
+        means2d = proj.means2d
+        if means2d.requires_grad:
+            means2d.retain_grad()
+        radii_xy = proj.radii
+        features = torch.cat([colors.to(dtype), proj.depths[:, None]], dim=-1)  # RGB + camera z
+        if which == "torch":
+            compositor = composite_torch
+        elif which == "cpp":
+            compositor = _load_cpp()
+        else:  # reference
+            from .reference import composite_reference as compositor
+        image, alpha = compositor(means2d, proj.conics, features, opacities.to(dtype), proj.depths,
+                                  radii_xy, width, height)
+
+    rgb = image[..., :3] + (1.0 - alpha)[..., None] * bg
+    depth = image[..., 3] / alpha.clamp_min(1e-10)
+    radii = radii_xy.max(dim=-1).values.to(torch.int32)
+    return RasterResult(rgb=rgb, alpha=alpha, depth=depth, means2d=means2d, radii=radii, backend=which)
+
+
+__all__ = ["rasterize", "RasterResult", "resolve_backend", "available_backends", "cpp_compositor_available",
+           "BACKENDS"]
