@@ -1,0 +1,147 @@
+"""Fit presets as dataclasses.
+
+- ``paper``: the authors' numbers (../shared/design/stag4d-algorithm.md sections 4-8), faithful quirks included,
+  except where a quirk is a crash or a silent no-op (documented in docs/fitting.md).
+- ``standard``: best quality per GPU minute: zero-initialised deformation heads, SDS plus anchor views.
+- ``preview``: a CPU run in minutes: small HexPlane, 256 px, anchor-view guidance, fewer Gaussians.
+- ``tiny``: seconds; for tests and smoke runs only.
+
+Iteration-based schedules (coarse stage, learning-rate decay, densification window, resolution switches, SDS
+t-range annealing) are stored for the preset's own ``iters``; overriding ``--iters`` rescales them all
+proportionally (``FitConfig.with_iters``), so a shorter run keeps the shape of the schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .gaussians.deformation import DeformationConfig
+from .gaussians.densify import AdaptiveDensification
+
+GUIDANCE_CHOICES = ("anchors", "sds", "sds+anchors")
+
+
+@dataclass
+class FitConfig:
+    preset: str = "paper"
+    iters: int = 8000
+    coarse_iters: int = 700               # static fit of the middle frame first
+    batch_size: int = 4
+    ref_resolution: int = 512             # reference (input) view render/target size
+    view_resolutions: tuple[tuple[float, int], ...] = ((0.0, 128), (600, 256), (1200, 512))  # (from it, res)
+    anchor_resolution: int = 256          # anchor-view photometric loss size
+    guidance: str = "sds"
+    # Losses (summed over the batch as the authors do).
+    lambda_rgb: float = 20000.0
+    lambda_alpha: float = 5000.0
+    ramp_iters: int = 2000                # reference weights ramp linearly: min(1, it / ramp_iters)
+    lambda_anchor_rgb: float = 10000.0
+    lambda_anchor_alpha: float = 2500.0
+    anchors_per_step: int = 1             # anchor views rendered per batch item
+    lambda_sds: float = 1.0
+    guidance_scale: float = 5.0
+    sds_anneal_iters: int = 3000
+    invert_bg_prob: float = 0.5           # random views: black background with this probability
+    # Cameras.
+    input_elevation: float = 0.0
+    radius: float = 2.0
+    anchor_radius: float = 0.0            # camera distance of the anchor views; 0 = ``radius``
+    fovy: float = 49.1
+    # Gaussians.
+    num_pts: int = 10000
+    init_radius: float = 0.5
+    init_opacity: float = 0.1
+    sh_degree: int = 0
+    lr_max_steps: int = 2000
+    lr: dict = field(default_factory=lambda: {
+        "xyz": (2e-3, 2e-5), "deformation": (1.6e-3, 1.6e-4), "grid": (1.6e-2, 1.6e-3),
+        "f_dc": (5e-3, 5e-3), "f_rest": (2.5e-4, 2.5e-4), "opacity": (2e-2, 2e-2),
+        "scaling": (1e-2, 1e-2), "rotation": (2e-3, 2e-3)})
+    deformation: DeformationConfig = field(default_factory=DeformationConfig)
+    densify: AdaptiveDensification = field(default_factory=AdaptiveDensification)
+    # Running.
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 500
+    num_threads: int = 0                  # 0 = torch default
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitConfig":
+        d = dict(d)
+        d["deformation"] = DeformationConfig(**d.get("deformation", {}))
+        d["densify"] = AdaptiveDensification(**d.get("densify", {}))
+        d["view_resolutions"] = tuple(tuple(x) for x in d.get("view_resolutions", ()))
+        d["lr"] = {k: tuple(v) for k, v in d.get("lr", {}).items()}
+        return cls(**d)
+
+    def with_iters(self, iters: int) -> "FitConfig":
+        """The same schedule shape at a different length: every iteration-based number scales."""
+        if iters <= 0:
+            raise ValueError("iters must be positive")
+        s = iters / self.iters
+
+        def sc(x):
+            return max(1, int(round(x * s)))
+
+        dens = dataclasses.replace(self.densify, refine_start=sc(self.densify.refine_start),
+                                   refine_stop=sc(self.densify.refine_stop), refine_every=sc(self.densify.refine_every))
+        return dataclasses.replace(
+            self, iters=iters, coarse_iters=min(sc(self.coarse_iters), iters - 1) if self.coarse_iters else 0,
+            ramp_iters=sc(self.ramp_iters), lr_max_steps=sc(self.lr_max_steps),
+            sds_anneal_iters=sc(self.sds_anneal_iters), checkpoint_every=sc(self.checkpoint_every),
+            view_resolutions=tuple((x * s, r) for x, r in self.view_resolutions), densify=dens)
+
+    def with_resolution(self, res: int) -> "FitConfig":
+        """Cap every render size at ``res`` (the reference view trains at exactly ``res``)."""
+        return dataclasses.replace(
+            self, ref_resolution=res, anchor_resolution=min(self.anchor_resolution, res),
+            view_resolutions=tuple((x, min(r, res)) for x, r in self.view_resolutions))
+
+
+def paper() -> FitConfig:
+    return FitConfig(preset="paper", deformation=DeformationConfig(head_init="authors"))
+
+
+def standard() -> FitConfig:
+    return FitConfig(preset="standard", guidance="sds+anchors", iters=6000, coarse_iters=500,
+                     densify=AdaptiveDensification(refine_start=900, refine_stop=4500))
+
+
+def preview() -> FitConfig:
+    return FitConfig(
+        preset="preview", guidance="anchors", iters=3000, coarse_iters=300, batch_size=1,
+        ref_resolution=256, anchor_resolution=256, view_resolutions=((0.0, 256),),
+        anchors_per_step=2, ramp_iters=1, lr_max_steps=3000,
+        num_pts=5000, checkpoint_every=250,
+        lr={"xyz": (1.6e-3, 1.6e-5), "deformation": (1.6e-3, 1.6e-4), "grid": (1.6e-2, 1.6e-3),
+            "f_dc": (5e-3, 5e-3), "f_rest": (2.5e-4, 2.5e-4), "opacity": (2e-2, 2e-2),
+            "scaling": (5e-3, 5e-3), "rotation": (2e-3, 2e-3)},
+        deformation=DeformationConfig(resolution=(32, 32, 32, 16), multires=(1, 2), feature_dim=16),
+        densify=AdaptiveDensification(refine_start=400, refine_stop=2400, densify_fraction=0.05,
+                                      max_gaussians=60000),
+    )
+
+
+def tiny() -> FitConfig:
+    return FitConfig(
+        preset="tiny", guidance="anchors", iters=40, coarse_iters=10, batch_size=1, ref_resolution=32,
+        anchor_resolution=32, view_resolutions=((0.0, 32),), ramp_iters=1, lr_max_steps=40, num_pts=300,
+        checkpoint_every=10, anchors_per_step=1,
+        deformation=DeformationConfig(resolution=(8, 8, 8, 4), multires=(1,), feature_dim=8, width=16),
+        densify=AdaptiveDensification(refine_start=15, refine_stop=35, refine_every=10, densify_fraction=0.05,
+                                      max_gaussians=2000),
+    )
+
+
+PRESETS = {"paper": paper, "standard": standard, "preview": preview, "tiny": tiny}
+
+
+def get_preset(name: str) -> FitConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,96 @@
+"""A job directory: one job = one folder, one stage after another (docs/architecture.md).
+
+    JOB_DIR/job.json        request, options, seed, versions, state; written atomically
+    JOB_DIR/events.jsonl    append-only progress log, one JSON object per line, numbered from 0
+    JOB_DIR/frames/         ref/{f}_rgba.png, zero123/{f}_rgba/{k}.png (the STAG4D layout)
+    JOB_DIR/model/          the fit (canonical.ply, deformation.safetensors, meta.json, state.pt)
+    JOB_DIR/bake/           exports
+
+Stages skip themselves when their outputs exist, so a killed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from . import __version__
+from .fitted import write_json_atomic
+
+JOB_FILE = "job.json"
+EVENTS_FILE = "events.jsonl"
+
+
+class Job:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._next_event = None
+
+    # Folders of the stages.
+    @property
+    def frames_dir(self) -> Path:
+        return self.path / "frames"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def bake_dir(self) -> Path:
+        return self.path / "bake"
+
+    def create(self, request: dict) -> "Job":
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / JOB_FILE).exists():
+            write_json_atomic(self.path / JOB_FILE, {"request": request, "state": "created",
+                                                     "created": time.time(), "versions": {"stag4d": __version__}})
+        return self
+
+    def read(self) -> dict:
+        return json.loads((self.path / JOB_FILE).read_text())
+
+    def update(self, **fields) -> dict:
+        with self._lock:
+            data = self.read()
+            data.update(fields, updated=time.time())
+            write_json_atomic(self.path / JOB_FILE, data)
+            return data
+
+    def _count_events(self) -> int:
+        path = self.path / EVENTS_FILE
+        if not path.exists():
+            return 0
+        with open(path, "rb") as fh:
+            return sum(1 for line in fh if line.endswith(b"\n"))
+
+    def emit(self, kind: str, **fields) -> dict:
+        """Append one event (numbered, timestamped) to events.jsonl and flush it to disk."""
+        with self._lock:
+            if self._next_event is None:
+                self._next_event = self._count_events()
+            event = {"n": self._next_event, "time": round(time.time(), 3), "kind": kind, **fields}
+            line = json.dumps(event, default=str) + "\n"
+            with open(self.path / EVENTS_FILE, "a") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._next_event += 1
+            return event
+
+    def events(self, since: int = 0) -> list[dict]:
+        path = self.path / EVENTS_FILE
+        if not path.exists():
+            return []
+        out = []
+        with open(path) as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break  # a line being written
+                ev = json.loads(line)
+                if ev["n"] >= since:
+                    out.append(ev)
+        return out

@@ -1,0 +1,25 @@
+"""Terminal progress for long stages (tqdm); the server uses the same stats dicts as events."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class FitProgressBar:
+    """A tqdm bar fed by the fit's per-step stats: step, stage, loss, reference PSNR, number of Gaussians."""
+
+    def __init__(self, total: int, file=None):
+        self._bar = tqdm(total=total, unit="step", file=file or sys.stderr, dynamic_ncols=True,
+                         disable=None, mininterval=0.5)
+
+    def update(self, stats: dict) -> None:
+        self._bar.n = stats["step"]
+        self._bar.set_postfix(stage=stats.get("stage"), loss=f"{stats.get('loss', 0):.1f}",
+                              psnr=f"{stats.get('psnr_ref', 0):.1f}", gaussians=stats.get("num_gaussians"),
+                              refresh=False)
+        self._bar.update(0)
+
+    def close(self) -> None:
+        self._bar.close()

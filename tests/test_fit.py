@@ -1,0 +1,153 @@
+"""The fit stage on a tiny two-frame toy scene: loss goes down, resume equals an uninterrupted run, bad input."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stag4d_backend import cli
+from stag4d_backend.config import FitConfig, get_preset
+from stag4d_backend.dataset import DataError
+from stag4d_backend.example_scene import ExampleCreature, write_stag4d_layout
+from stag4d_backend.fitted import load_fitted
+from stag4d_backend.gaussians.ply import load_ply
+from stag4d_backend.guidance.base import INPUT_VIEW, SDSRequest
+from stag4d_backend.stages.fit import FitError, fit
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    write_stag4d_layout(ExampleCreature(1500, seed=3), root, num_frames=2, size=32, anchor_size=32)
+    return root
+
+
+def _tiny(**kw) -> FitConfig:
+    return dataclasses.replace(get_preset("tiny"), **kw)
+
+
+def test_short_fit_lowers_the_loss_and_writes_outputs(toy_dir, tmp_path):
+    history = []
+    out = fit(toy_dir, tmp_path / "out", _tiny(iters=60).with_iters(60), progress=history.append)
+    assert out.status == "finished" and out.iterations == 60
+    first = np.mean([h["ref_rgb"] for h in history[:5]])
+    last = np.mean([h["ref_rgb"] for h in history[-5:]])
+    assert last < 0.6 * first, (first, last)
+    assert [h["step"] for h in history] == list(range(1, 61))
+    assert history[0]["stage"] == "coarse" and history[-1]["stage"] == "fine"
+    for name in ("canonical.ply", "deformation.safetensors", "meta.json", "state.pt"):
+        assert (tmp_path / "out" / name).is_file()
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["num_frames"] == 2 and meta["guidance"] == "anchors" and meta["iterations"] == 60
+    animated, _ = load_fitted(tmp_path / "out")
+    assert animated.model.num_points == out.num_gaussians == meta["num_gaussians"]
+    ply = load_ply(tmp_path / "out" / "canonical.ply")
+    assert ply["xyz"].shape == (out.num_gaussians, 3)
+
+
+def test_same_seed_same_result_and_resume_equals_uninterrupted(toy_dir, tmp_path):
+    cfg = _tiny(checkpoint_every=10)
+    fit(toy_dir, tmp_path / "a", cfg)
+    fit(toy_dir, tmp_path / "b", cfg)
+
+    class Killed(RuntimeError):
+        pass
+
+    def crash_at_25(stats):
+        if stats["step"] == 25:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(toy_dir, tmp_path / "c", cfg, progress=crash_at_25)
+    assert torch.load(tmp_path / "c" / "state.pt", weights_only=False)["it"] == 20
+    steps = []
+    resumed = fit(toy_dir, tmp_path / "c", cfg, progress=lambda s: steps.append(s["step"]))
+    assert resumed.resumed_from == 20 and steps[0] == 21 and steps[-1] == cfg.iters
+
+    a, b, c = (load_ply(tmp_path / d / "canonical.ply") for d in "abc")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+        np.testing.assert_array_equal(a[key], c[key])
+    da, dc = (load_fitted(tmp_path / d)[0].deformation.state_dict() for d in "ac")
+    for key in da:
+        torch.testing.assert_close(da[key], dc[key], rtol=0, atol=0)
+    # A finished fit is not repeated.
+    assert fit(toy_dir, tmp_path / "c", cfg).status == "already_finished"
+
+
+def test_cancel_checkpoints_and_resumes(toy_dir, tmp_path):
+    cfg = _tiny()
+    seen = []
+    out = fit(toy_dir, tmp_path / "o", cfg, progress=lambda s: seen.append(s["step"]),
+              should_stop=lambda: len(seen) >= 7)
+    assert out.status == "cancelled" and out.iterations == 7
+    assert fit(toy_dir, tmp_path / "o", cfg).resumed_from == 7
+
+
+def test_other_options_in_the_same_folder_are_refused(toy_dir, tmp_path):
+    fit(toy_dir, tmp_path / "o", _tiny(iters=12, checkpoint_every=5).with_iters(12))
+    with pytest.raises(FitError, match="other data or options"):
+        fit(toy_dir, tmp_path / "o", _tiny(seed=7))
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "data" / "ref").mkdir(parents=True)
+    rc = cli.main(["fit", str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--preset", "tiny", "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert "no frames named" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_sds_without_weights(toy_dir, tmp_path):
+    # A preset whose default is SDS falls back to anchors and says so; an explicit request is refused.
+    out = fit(toy_dir, tmp_path / "o", _tiny(guidance="sds+anchors"))
+    assert any("anchors" in n for n in out.notes)
+    with pytest.raises(FitError, match="Zero123-XL"):
+        fit(toy_dir, tmp_path / "p", _tiny(guidance="sds"), guidance_explicit=True)
+
+
+class RecordingSDS:
+    """A test double for the score-distillation interface: pulls renders toward mid-grey, records requests."""
+
+    def __init__(self):
+        self.requests: list[SDSRequest] = []
+        self.prepared = None
+
+    def prepare(self, ref_rgb, anchor_rgb):
+        self.prepared = (ref_rgb.shape, None if anchor_rgb is None else anchor_rgb.shape)
+
+    def loss(self, image, request, step, total_steps):
+        self.requests.append(request)
+        return ((image - 0.5) ** 2).mean()
+
+
+def test_sds_interface_receives_renders_and_conditioning(toy_dir, tmp_path):
+    sds = RecordingSDS()
+    out = fit(toy_dir, tmp_path / "o", _tiny(guidance="sds+anchors", iters=30).with_iters(30), sds=sds,
+              guidance_explicit=True)
+    assert out.status == "finished" and sds.prepared[0][0] == 2
+    assert len(sds.requests) == 30
+    assert {r.source for r in sds.requests} <= {INPUT_VIEW, 0, 1, 2, 3, 4, 5}
+    assert all(0 <= r.frame < 2 for r in sds.requests)
+
+
+def test_render_command_writes_rgba_pngs(toy_dir, tmp_path, capsys):
+    fit(toy_dir, tmp_path / "o", _tiny())
+    cams = [{"index": 3, "frame": 1, "elevation": 0, "azimuth": 0, "radius": 2, "fovy": 49.1, "size": 40},
+            {"index": 7, "frame": 0, "elevation": 30, "azimuth": 90, "radius": 2.5, "fovy": 40, "size": 24}]
+    (tmp_path / "cams.json").write_text(json.dumps(cams))
+    assert cli.main(["render", str(tmp_path / "o"), "--cameras", str(tmp_path / "cams.json"),
+                     "-o", str(tmp_path / "img")]) == 0
+    from PIL import Image
+
+    a, b = Image.open(tmp_path / "img" / "0003.png"), Image.open(tmp_path / "img" / "0007.png")
+    assert a.mode == "RGBA" and a.size == (40, 40) and b.size == (24, 24)
+    alpha = np.asarray(a)[..., 3]
+    assert alpha.max() > 200 and alpha[0, 0] == 0  # object in the middle, transparent corners
+    (tmp_path / "bad.json").write_text('[{"index": 0}]')
+    assert cli.main(["render", str(tmp_path / "o"), "--cameras", str(tmp_path / "bad.json"),
+                     "-o", str(tmp_path / "img2")]) == 2
+    assert "lacks" in capsys.readouterr().err
