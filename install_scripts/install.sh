@@ -67,6 +67,9 @@ EXTRAS=""
 step "installing the backend (editable)${EXTRAS:+ with extras [$EXTRAS]}"
 "${PIP[@]}" -e "$ROOT${EXTRAS:+[$EXTRAS]}" || fail "pip could not install the backend; see the error above"
 
+step "compiling the CPU compositing kernel (cached; the PyTorch compositor is used if this fails)"
+"$PY" -m stag4d_backend.render.composite_cpp --build || true
+
 step "checking the environment"
 "$PY" - <<PY || fail "the installed environment does not import cleanly"
 import torch, numpy, stag4d_backend
