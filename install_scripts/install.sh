@@ -29,8 +29,8 @@ step() { echo "==> $*"; }
 trap 'echo "install.sh: FAILED at line $LINENO (see the output above); re-run after fixing it" >&2' ERR
 
 command -v "$PYTHON" >/dev/null || fail "'$PYTHON' not found; install Python 3.10-3.11 or set PYTHON=/path/to/python"
-"$PYTHON" - <<'PY' || fail "Python 3.10 or 3.11 is required (bpy==5.0.1 wheels are cp311; torch needs >=3.10)"
-import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 12) else 1)
+"$PYTHON" - <<'PY' || fail "Python 3.11 is required (bpy==5.0.1 wheels are cp311 only); set PYTHON=/path/to/python3.11"
+import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)
 PY
 
 if [ "$MODE" = "auto" ]; then

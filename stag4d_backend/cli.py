@@ -12,8 +12,6 @@ EXIT_NOT_IMPLEMENTED = 3
 
 # Subcommands of the design that do not exist yet, with the issue that brings them. They refuse clearly.
 _NOT_YET = {
-    "generate": "the full pipeline (preprocess, anchors, fit, bake) arrives with the engine and generative issues",
-    "bake": "baking (per-frame PLY, USD, mesh) arrives with the bake/export issue",
     "serve": "the HTTP backend arrives with the server issue",
     "models": "the model registry arrives with the generative-stages issue",
 }
@@ -55,11 +53,14 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--turntable", metavar="MP4", help="also write a turntable video to this path")
 
-    b = sub.add_parser("bake", help="bake per-frame Gaussians to PLY / USD / mesh")
-    b.add_argument("out_dir")
-    b.add_argument("--formats", default="usd,ply")
-    b.add_argument("--fps", type=float)
-    b.add_argument("--frames", type=int)
+    b = sub.add_parser("bake", help="bake per-frame Gaussians to USD / PLY / mesh / preview (OUT_DIR/bake)")
+    b.add_argument("out_dir", help="a fit output folder, or a job folder with model/")
+    b.add_argument("--formats", default="usd,ply", help="comma list of usd, ply, mesh, preview, cameras, or all")
+    b.add_argument("--fps", type=float, help="playback rate (default: the input's, else 24)")
+    b.add_argument("--frames", type=int, help="resample the motion at N evenly spaced times")
+    b.add_argument("--mesh-resolution", type=int, default=128)
+    b.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("serve", help="run the local HTTP backend for the Blender add-on")
     s.add_argument("--host", default="127.0.0.1")
@@ -157,6 +158,72 @@ def _render(args) -> int:
     return 0
 
 
+def _bake(args) -> int:
+    from .progress import StageProgressBars
+    from .stages.bake import CLI_ERRORS, bake_job
+
+    bars = None if args.quiet else StageProgressBars()
+    try:
+        res = bake_job(args.out_dir, formats=args.formats, fps=args.fps, frames=args.frames,
+                       mesh_resolution=args.mesh_resolution, threads=args.threads or None,
+                       progress=(lambda ev: bars.update("bake", ev)) if bars else None)
+    except CLI_ERRORS as exc:
+        print(f"stag4d bake: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if bars:
+            bars.close()
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(res.summary())
+    for p in res.paths:
+        print(f"  {p}")
+    return 0
+
+
+def _generate(args) -> int:
+    if not args.example:
+        print("stag4d generate: generating from a video, an image or a prompt is not implemented yet in this "
+              "version (it arrives with the generative-stages issue); try `stag4d generate --example -o JOB_DIR`",
+              file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    if args.input or args.prompt:
+        print("stag4d generate: --example takes no input file or prompt", file=sys.stderr)
+        return EXIT_USAGE
+    import dataclasses
+    from pathlib import Path
+
+    from .config import get_preset
+    from .pipeline import generate_example
+    from .progress import StageProgressBars
+
+    try:
+        cfg = get_preset(args.preset or "preview")
+    except ValueError as exc:
+        print(f"stag4d generate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    bars = StageProgressBars()
+    try:
+        summary = generate_example(args.output, cfg, progress=bars.update)
+    finally:
+        bars.close()
+    job = Path(args.output).resolve()
+    for stage, result in summary.items():
+        took = f" ({result['elapsed_s']:.0f} s)" if isinstance(result, dict) and "elapsed_s" in result else ""
+        print(f"  {stage}: {'done' + took if isinstance(result, dict) else result}")
+    print(f"""
+Wrote the example job to {job}
+  frames/   the input in the STAG4D layout (ref/ front views, zero123/ the six anchor views per frame)
+  model/    the fitted 4D Gaussians (canonical.ply, deformation.safetensors, meta.json)
+  bake/     gaussians.usdc (animated points + splats), ply/ (per-frame 3DGS PLY), mesh.usdc, preview.mp4,
+            cameras.json
+Open it in Blender: File > Import > Universal Scene Description, choose {job / 'bake' / 'gaussians.usdc'}
+  (or {job / 'bake' / 'mesh.usdc'} for the animated mesh), then press play.""")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -167,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         return _doctor()
     if args.command == "fit":
         return _fit(args)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "bake":
+        return _bake(args)
     if args.command == "render":
         return _render(args)
     if args.command in _NOT_YET:

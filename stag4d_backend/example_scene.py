@@ -213,7 +213,7 @@ def render_frame(frame: GaussianFrame, camera, background=(1.0, 1.0, 1.0)):
 
 
 def write_stag4d_layout(creature: ExampleCreature, out_dir: str | Path, num_frames: int = 16, size: int = 256,
-                        anchor_size: int = 256) -> Path:
+                        anchor_size: int = 256, on_frame=None) -> Path:
     """Write ref/{f}_rgba.png (front view) and zero123/{f}_rgba/{k}.png (the six exact anchor views)."""
     import numpy as np
     from PIL import Image
@@ -238,4 +238,6 @@ def write_stag4d_layout(creature: ExampleCreature, out_dir: str | Path, num_fram
         save(*render_frame(frame, front_camera(size)), out_dir / "ref" / f"{f}_rgba.png")
         for k, cam in enumerate(anchor_cameras(anchor_size)):
             save(*render_frame(frame, cam), out_dir / "zero123" / f"{f}_rgba" / f"{k}.png")
+        if on_frame is not None:
+            on_frame(f)
     return out_dir

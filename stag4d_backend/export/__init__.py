@@ -1,0 +1,15 @@
+"""Exporters of a fitted 4D model (used by the bake stage, ``stages/bake.py``). One module, one job:
+
+- ``frames``        batched evaluation of the deformation at many frames (``sample_frames``, ``deform_points``)
+- ``ply_sequence``  ``ply/{k:04d}.ply``, per-frame 3DGS PLY files
+- ``usd_points``    ``gaussians.usdc``: UsdGeomPoints + UsdVol ParticleField3DGaussianSplat, time-sampled
+- ``mesh_extract``  closed surface of the canonical Gaussians (density grid, marching cubes, vertex colours)
+- ``usd_mesh``      ``mesh.usdc``: animated fixed-topology UsdGeomMesh
+- ``cameras_json``  ``cameras.json``: input view and anchors with Blender camera matrices
+
+Only ``ply_sequence``, ``usd_*`` and ``cameras_json`` write files (atomically, via ``_atomic``).
+"""
+
+from .frames import SampledFrames, deform_points, sample_frames, srgb_to_linear
+
+__all__ = ["SampledFrames", "sample_frames", "deform_points", "srgb_to_linear"]

@@ -1,0 +1,98 @@
+"""Fitted models for the bake tests, built directly (no training): the example creature's Gaussians at t = 0 as
+the canonical set and a small deformation field with random, time-dependent, few-centimetre deltas.
+
+Import the fixtures into a test module with ``from bake_fixtures import ...`` (tests/ is on sys.path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stag4d_backend.example_scene import ExampleCreature
+from stag4d_backend.fitted import save_fitted
+from stag4d_backend.gaussians.deformation import TIME_PLANES, DeformationConfig, DeformationNetwork
+from stag4d_backend.gaussians.model import GaussianModel, inverse_sigmoid, rgb_to_sh
+
+SMALL_CFG = dict(resolution=(8, 8, 8, 4), multires=(1, 2), feature_dim=8, width=16)
+
+
+def moving_deformation(seed: int = 0, motion: float = 0.05, **cfg) -> DeformationNetwork:
+    """A random field whose deltas change with t (random time planes): over t in [0, 1) the centres of points in
+    the unit cube move by up to about ``motion``, log-scales and quaternions by up to about 0.1."""
+    net = DeformationNetwork(DeformationConfig(**dict(SMALL_CFG, **cfg), head_init="authors"), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for planes in net.grid.grids:
+            for pi in TIME_PLANES:
+                planes[pi].add_(torch.randn(planes[pi].shape, generator=g) * 0.5)
+        probe = torch.rand(512, 3, generator=g) - 0.5
+        times = torch.linspace(0, 1, 9)
+        core = net.deformation_net
+        for i, (head, target) in enumerate(((core.pos_deform, motion), (core.scales_deform, 0.1),
+                                            (core.rotations_deform, 0.1))):
+            head[-1].bias.zero_()
+            d = torch.stack([net.deltas(probe, float(t))[i] for t in times])
+            spread = float((d - d.mean(0)).abs().max())
+            head[-1].weight.mul_(target / max(spread, 1e-9))
+    return net
+
+
+def creature_model(num_gaussians: int = 400, seed: int = 0, sh_degree: int = 0) -> GaussianModel:
+    c = ExampleCreature(num_gaussians, seed=seed).at(0.0)
+    n = c.means.shape[0]
+    f_rest = None
+    if sh_degree:
+        k = (sh_degree + 1) ** 2 - 1
+        f_rest = torch.randn(n, k, 3, generator=torch.Generator().manual_seed(seed)) * 0.05
+    # Raw rotations deliberately not unit length (as in a fit): the PLY keeps them raw, USD normalises.
+    rot = c.quats * (0.5 + torch.rand(n, 1, generator=torch.Generator().manual_seed(seed + 2)))
+    return GaussianModel.from_arrays(c.means, rgb_to_sh(c.colors), f_rest,
+                                     inverse_sigmoid(c.opacities.clamp(1e-4, 1 - 1e-4)), torch.log(c.scales), rot)
+
+
+def make_fit_dir(path: Path, num_gaussians: int = 400, num_frames: int = 4, fps: float | None = 12.0,
+                 seed: int = 0, sh_degree: int = 0, motion: float = 0.05, net: DeformationNetwork | None = None
+                 ) -> Path:
+    """A folder in the layout of ``stag4d fit``'s output (canonical.ply, deformation.safetensors, meta.json)."""
+    model = creature_model(num_gaussians, seed, sh_degree)
+    net = net if net is not None else moving_deformation(seed, motion)
+    meta = {"num_frames": num_frames, "fps": fps, "time": "t = f / num_frames", "source_size": 64,
+            "num_gaussians": model.num_points}
+    save_fitted(path, model, net, meta)
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def small_fit(tmp_path_factory) -> Path:
+    """400 Gaussians, 4 frames at 12 fps, SH degree 0."""
+    return make_fit_dir(tmp_path_factory.mktemp("fit") / "out", num_gaussians=400, num_frames=4, fps=12.0)
+
+
+@pytest.fixture(scope="module")
+def mesh_fit(tmp_path_factory) -> Path:
+    """2500 Gaussians (a closed creature surface), 3 frames, for mesh tests."""
+    return make_fit_dir(tmp_path_factory.mktemp("meshfit") / "out", num_gaussians=2500, num_frames=3, fps=8.0,
+                        seed=1)
+
+
+def quat_to_matrix(q: np.ndarray) -> np.ndarray:
+    """(w, x, y, z) unit quaternions [..., 4] -> rotation matrices [..., 3, 3]."""
+    w, x, y, z = np.moveaxis(np.asarray(q, dtype=np.float64), -1, 0)
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+    ], -2)
+
+
+def to_blender(p: np.ndarray) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    return np.stack([p[..., 0], -p[..., 2], p[..., 1]], -1)
+
+
+__all__ = ["make_fit_dir", "moving_deformation", "creature_model", "small_fit", "mesh_fit", "quat_to_matrix",
+           "to_blender", "SMALL_CFG"]
