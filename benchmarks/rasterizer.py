@@ -14,9 +14,12 @@ Examples::
     .venv/bin/python benchmarks/rasterizer.py --full --json benchmarks/out/raster.json
     .venv/bin/python benchmarks/rasterizer.py --counts 20000 --sizes 256 --backends torch,cpp --repeats 5
 
-Backends: ``torch`` (tiled PyTorch), ``cpp`` (compiled kernel, when available), ``reference`` (dense; only
-run where N * H * W <= --reference-limit, 5000*128*128 by default, with --reference-repeats runs and no
-warm-up; it takes ~30 s and ~7 GB there; --quick leaves it out).
+Backends: ``torch`` (PyTorch projection + tiled PyTorch compositor), ``cpp`` (compiled projection + compiled
+compositor, when available), ``reference`` (dense; only run where N * H * W <= --reference-limit, 5000*128*128 by
+default, with --reference-repeats runs and no warm-up; it takes ~30 s and ~7 GB there; --quick leaves it out).
+Cases run one after the other in their own processes, all backends of a case in turn (so they see similar machine
+load); the table lists each non-torch backend's speed-up over ``torch`` for the same case (ratio of the fwd+bwd
+medians / of the minima).
 Timings are wall clock; on a shared machine they are noisy: compare medians, and look at the min.
 """
 
@@ -115,18 +118,37 @@ def _available_backends() -> list[str]:
     return names + ["reference"]
 
 
+def _add_speedups(rows: list[dict]) -> None:
+    """Each non-torch row gets ``speedup_vs_torch`` (torch median / its median, fwd+bwd) and
+    ``speedup_vs_torch_min`` (ratio of the minima) when the same case ran with the torch backend."""
+    torch_rows = {(r["count"], r["size"]): r for r in rows if r.get("backend") == "torch" and "error" not in r}
+    for r in rows:
+        ref = torch_rows.get((r["count"], r["size"]))
+        if r.get("backend") == "torch" or "error" in r or ref is None:
+            continue
+        r["speedup_vs_torch"] = ref["fwd_bwd_median_s"] / r["fwd_bwd_median_s"]
+        r["speedup_vs_torch_min"] = ref["fwd_bwd_min_s"] / r["fwd_bwd_min_s"]
+
+
+def _fmt_ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
+
+
 def _table(rows: list[dict]) -> str:
     head = ("| backend | N | size | drawn | fwd (ms) | fwd+bwd median (ms) | fwd+bwd min (ms) | runs "
-            "| peak RSS delta (MB) |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| peak RSS delta (MB) | vs torch (median / min) |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['backend']} | {r['count']} | {r['size']} | | | {r['error']} | | | |")
+            lines.append(f"| {r['backend']} | {r['count']} | {r['size']} | | | {r['error']} | | | | |")
             continue
+        ratio = (f"{r['speedup_vs_torch']:.1f}x / {r['speedup_vs_torch_min']:.1f}x"
+                 if "speedup_vs_torch" in r else "")
         lines.append(
-            f"| {r['backend']} | {r['count']} | {r['size']} | {r['drawn']} | {1e3 * r['fwd_median_s']:.0f} "
-            f"| {1e3 * r['fwd_bwd_median_s']:.0f} | {1e3 * r['fwd_bwd_min_s']:.0f} | {r['repeats']} "
-            f"| {r['peak_rss_delta_mb']:.0f} |"
+            f"| {r['backend']} | {r['count']} | {r['size']} | {r['drawn']} | {_fmt_ms(r['fwd_median_s'])} "
+            f"| {_fmt_ms(r['fwd_bwd_median_s'])} | {_fmt_ms(r['fwd_bwd_min_s'])} | {r['repeats']} "
+            f"| {r['peak_rss_delta_mb']:.0f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -167,10 +189,11 @@ def main(argv=None) -> int:
     else:
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
+    # case by case, every backend in turn, so that the backends of one case see the same machine load
     rows = []
-    for backend in backends:
-        for n in counts:
-            for size in sizes:
+    for n in counts:
+        for size in sizes:
+            for backend in backends:
                 ref = backend == "reference"
                 if ref and n * size * size > args.reference_limit:
                     continue
@@ -178,6 +201,9 @@ def main(argv=None) -> int:
                         "repeats": args.reference_repeats if ref else args.repeats, "warmup": not ref}
                 print(f"running {backend} N={n} size={size} ...", file=sys.stderr, flush=True)
                 rows.append(_run_case(spec, args.timeout))
+    order = {b: i for i, b in enumerate(backends)}
+    rows.sort(key=lambda r: order.get(r.get("backend"), len(order)))  # table grouped by backend, as before
+    _add_speedups(rows)
     table = _table(rows)
     print(table)
     if args.json:

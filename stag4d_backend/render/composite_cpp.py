@@ -7,10 +7,11 @@ Same contract, signature and results as :func:`stag4d_backend.render.composite_t
                   width, height, tile_size=16) -> (image [H,W,C], alpha [H,W])
 
 The C++ sources (``csrc/``: ``composite.cpp`` registers ``torch.ops.stag4d_composite.*``, ``kernel.cpp`` +
-``kernel_impl.inc`` hold the torch-free kernel) are compiled on first use with
-``torch.utils.cpp_extension.load`` (ninja + the system C++ compiler, about 10 s) into a cache directory, so later
-processes only load the shared library (0.1 s); a rebuild happens only when a source, the flags or the
-torch/Python version change:
+``kernel_impl.inc`` hold the torch-free kernel; ``projection.cpp`` + ``projection_impl.inc`` register the
+compiled EWA projection ``torch.ops.stag4d_projection.*`` used by ``projection_cpp.py``: one shared library, one
+build, one availability answer) are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja + the
+system C++ compiler, about 10 s) into a cache directory, so later processes only load the shared library (0.1 s);
+a rebuild happens only when a source, the flags or the torch/Python version change:
 
 * ``$STAG4D_EXT_DIR`` if set, else
 * ``<venv>/torch_extensions`` when running inside a writable virtual environment (the repo's ``.venv``), else
@@ -41,7 +42,9 @@ from torch.autograd.function import once_differentiable
 __all__ = ["composite_cpp", "cpp_available", "cpp_unavailable_reason", "build", "build_directory", "kernel_info"]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = [_HERE / "csrc" / "composite.cpp", _HERE / "csrc" / "kernel.cpp"]
+# One shared library holds both compiled CPU kernels: the compositor (composite.cpp + kernel.cpp) and the EWA
+# projection (projection.cpp, torch.ops.stag4d_projection.*, used through projection_cpp.py).
+_SOURCES = [_HERE / "csrc" / "composite.cpp", _HERE / "csrc" / "kernel.cpp", _HERE / "csrc" / "projection.cpp"]
 _NAME = "stag4d_composite_cpu"
 
 # -O3 but no -ffast-math: it breaks the exp (the rounding trick is folded away: exp(-1.3) -> 0.5) and NaN

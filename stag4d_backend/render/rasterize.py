@@ -10,8 +10,10 @@ Backends (``backend=``):
   available and the dtype is float32, otherwise ``"torch"``.
 * ``"torch"``: EWA projection in PyTorch (``projection.py``) + tiled PyTorch compositor
   (``composite_torch.py``). Any device, float32 or float64.
-* ``"cpp"``: same projection + the compiled CPU compositor ``composite_cpp.composite_cpp`` (same contract as
-  ``composite_torch``). RuntimeError if it is not available.
+* ``"cpp"``: the compiled CPU projection ``projection_cpp.project_gaussians_cpp`` (same results as
+  ``projection.py``, hand-written backward) + the compiled CPU compositor ``composite_cpp.composite_cpp`` (same
+  contract as ``composite_torch``), both from one shared library. float32 only (float64 inputs, or a
+  ``viewmat``/``K`` that requires grad, use the PyTorch projection). RuntimeError if it is not available.
 * ``"gsplat"``: gsplat's CUDA kernels (``gsplat_backend.py``).
 * ``"reference"``: same projection + the dense reference compositor (``reference.py``); tests only, slow.
 """
@@ -56,6 +58,27 @@ def _load_cpp() -> Union[Callable, None]:
 
 def cpp_compositor_available() -> bool:
     return _load_cpp() is not None
+
+
+def _project_cpp() -> Union[Callable, None]:
+    """The compiled projection (same shared library as the compiled compositor) if usable, else None."""
+    try:
+        from .projection_cpp import project_gaussians_cpp, projection_cpp_available
+    except ImportError:
+        return None
+    return project_gaussians_cpp if projection_cpp_available() else None
+
+
+def _cpp_projection_for(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmat, K):
+    """The compiled projection if backend "cpp" can use it for these inputs, else None (then projection.py runs):
+    float32 CPU Gaussians, and a camera that does not require grad (the compiled projection treats viewmat and K
+    as constants)."""
+    for t in (means, quats, scales, opacities):
+        if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
+            return None
+    if any(isinstance(t, Tensor) and t.requires_grad for t in (viewmat, K)):
+        return None
+    return _project_cpp()
 
 
 def available_backends() -> list[str]:
@@ -135,8 +158,12 @@ def rasterize(
             means, quats, scales, opacities, colors, viewmat, K, width, height, near, far, eps2d
         )
     else:
-        proj = project_gaussians(means, quats, scales, opacities, viewmat, K, width, height,
-                                 near=near, far=far, eps2d=eps2d)
+        project = None
+        if which == "cpp":
+            project = _cpp_projection_for(means, quats, scales, opacities, viewmat, K)
+        if project is None:  # "torch", "reference", and "cpp" with float64 inputs or a camera requiring grad
+            project = project_gaussians
+        proj = project(means, quats, scales, opacities, viewmat, K, width, height, near=near, far=far, eps2d=eps2d)
         means2d = proj.means2d
         if means2d.requires_grad:
             means2d.retain_grad()
