@@ -164,10 +164,17 @@ def render_in_blender(bake_dir: Path, out_dir: Path, frames: list[int]) -> list[
             nodes.clear()
             attr = nodes.new("ShaderNodeAttribute")
             attr.attribute_name = "displayColor"
+            opacity = nodes.new("ShaderNodeAttribute")
+            opacity.attribute_name = "opacity"
             emit = nodes.new("ShaderNodeEmission")
+            clear = nodes.new("ShaderNodeBsdfTransparent")
+            mix = nodes.new("ShaderNodeMixShader")  # each sphere as opaque as its Gaussian
             out = nodes.new("ShaderNodeOutputMaterial")
             links.new(attr.outputs["Color"], emit.inputs["Color"])
-            links.new(emit.outputs["Emission"], out.inputs["Surface"])
+            links.new(opacity.outputs["Fac"], mix.inputs["Fac"])
+            links.new(clear.outputs["BSDF"], mix.inputs[1])
+            links.new(emit.outputs["Emission"], mix.inputs[2])
+            links.new(mix.outputs["Shader"], out.inputs["Surface"])
             obj.data.materials.append(mat)
         cam = bpy.data.objects.new("cam", bpy.data.cameras.new("cam"))
         sc.collection.objects.link(cam)

@@ -48,7 +48,8 @@ def render_fitted(animated, camera: OrbitCamera, frame: float) -> torch.Tensor:
                      to_torch(camera.K), camera.size, camera.size, torch.ones(3)).rgb
 
 
-def _fit(data_dir: Path, out_dir: Path, preset: str, iters: int | None, frames=None, threads: int = 0):
+def _fit(data_dir: Path, out_dir: Path, preset: str, iters: int | None, frames=None, threads: int = 0,
+         max_minutes: float = 0.0):
     cfg = get_preset(preset)
     if iters:
         cfg = cfg.with_iters(iters)
@@ -63,8 +64,28 @@ def _fit(data_dir: Path, out_dir: Path, preset: str, iters: int | None, frames=N
             print(f"  step {s['step']}/{cfg.iters} {s['stage']} loss {s['loss']:.1f} ref-psnr {s['psnr_ref']:.2f} "
                   f"gaussians {s['num_gaussians']} {time.perf_counter() - t0:.0f}s", flush=True)
 
-    outcome = fit(data_dir, out_dir, cfg, frames=frames, progress=progress)
+    def out_of_time() -> bool:
+        return bool(max_minutes) and time.perf_counter() - t0 > 60.0 * max_minutes
+
+    outcome = fit(data_dir, out_dir, cfg, frames=frames, progress=progress, should_stop=out_of_time)
+    if outcome.status == "cancelled":  # time budget spent: finish the files from the last step reached
+        print(f"  time budget of {max_minutes} min reached at step {outcome.iterations}", flush=True)
+        from stag4d_backend.fitted import save_fitted
+        from stag4d_backend.fitting.checkpoint import load_checkpoint
+        from stag4d_backend.fitting.trainer import Trainer
+
+        trainer = Trainer(cfg, load_frames(data_dir, cfg.ref_resolution, cfg.anchor_resolution, frames=frames))
+        trainer.load_state_dict(load_checkpoint(out_dir))
+        save_fitted(out_dir, trainer.model, trainer.deformation,
+                    {"num_frames": trainer.num_frames, "fps": None, "iterations": trainer.it,
+                     "config": cfg.to_dict(), "stopped_by_time_budget": True})
     return outcome, time.perf_counter() - t0, cfg
+
+
+def _backend() -> str:
+    from stag4d_backend.render.rasterize import resolve_backend
+
+    return resolve_backend("auto", torch.device("cpu"), torch.float32)
 
 
 def synthetic(args) -> dict:
@@ -74,7 +95,8 @@ def synthetic(args) -> dict:
     t0 = time.perf_counter()
     write_stag4d_layout(creature, data_dir, num_frames=args.frames, size=args.size, anchor_size=args.size)
     print(f"ground truth written to {data_dir} in {time.perf_counter() - t0:.0f}s", flush=True)
-    outcome, wall, cfg = _fit(data_dir, work / "fit", args.preset, args.iters, threads=args.threads)
+    outcome, wall, cfg = _fit(data_dir, work / "fit", args.preset, args.iters, threads=args.threads,
+                              max_minutes=args.max_minutes)
     animated, meta = load_fitted(work / "fit")
 
     held_p, held_s, pics = [], [], []
@@ -108,7 +130,8 @@ def synthetic(args) -> dict:
         Image.fromarray((np.concatenate(rows, 0) * 255).clip(0, 255).astype(np.uint8)).save(args.picture)
         print(f"picture (ground truth | render) -> {args.picture}")
     return {
-        "scene": "synthetic", "preset": args.preset, "iters": cfg.iters, "frames": args.frames, "size": args.size,
+        "scene": "synthetic", "preset": args.preset, "iters": cfg.iters, "steps_done": outcome.iterations,
+        "backend": _backend(), "frames": args.frames, "size": args.size,
         "fit_wall_s": round(wall, 1), "num_gaussians": outcome.num_gaussians,
         "held_out_psnr": round(float(np.mean(held_p)), 2), "held_out_ssim": round(float(np.mean(held_s)), 4),
         "in_between_front_psnr": round(float(np.mean(between_p)), 2),
@@ -125,7 +148,8 @@ def minions(args) -> dict:
         raise SystemExit(f"minions data not found at {data_dir}")
     work = Path(args.work or tempfile.mkdtemp(prefix="stag4d-minions-"))
     frames = list(range(args.frames)) if args.frames else None
-    outcome, wall, cfg = _fit(data_dir, work / "fit", args.preset, args.iters, frames=frames, threads=args.threads)
+    outcome, wall, cfg = _fit(data_dir, work / "fit", args.preset, args.iters, frames=frames, threads=args.threads,
+                              max_minutes=args.max_minutes)
     animated, meta = load_fitted(work / "fit")
     data = load_frames(data_dir, args.size, args.size, frames=frames)
     front, anchor = [], []
@@ -134,7 +158,8 @@ def minions(args) -> dict:
         for k, cam in enumerate(anchor_cameras(args.size, radius=cfg.anchor_radius or cfg.radius)):
             anchor.append(psnr(render_fitted(animated, cam, i), data.anchor_rgb[i, k]))
     return {
-        "scene": "minions", "preset": args.preset, "iters": cfg.iters, "frames": data.num_frames, "size": args.size,
+        "scene": "minions", "preset": args.preset, "iters": cfg.iters, "steps_done": outcome.iterations,
+        "backend": _backend(), "frames": data.num_frames, "size": args.size,
         "fit_wall_s": round(wall, 1), "num_gaussians": outcome.num_gaussians,
         "front_psnr": round(float(np.mean(front)), 2), "anchor_psnr": round(float(np.mean(anchor)), 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -151,6 +176,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--gt-gaussians", type=int, default=12000)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop the fit after this wall time and evaluate what it reached (0 = no limit)")
     p.add_argument("--minions", default=str(REPO.parent / "shared" / "data" / "minions"))
     p.add_argument("--work", help="working directory (default: a new temporary one)")
     p.add_argument("--picture", help="PNG of ground truth beside render (synthetic)")

@@ -108,6 +108,7 @@ def paper() -> FitConfig:
 
 def standard() -> FitConfig:
     return FitConfig(preset="standard", guidance="sds+anchors", iters=6000, coarse_iters=500,
+                     deformation=DeformationConfig(time_mapping="symmetric"),
                      densify=AdaptiveDensification(refine_start=900, refine_stop=4500))
 
 
@@ -120,7 +121,9 @@ def preview() -> FitConfig:
         lr={"xyz": (1.6e-3, 1.6e-5), "deformation": (1.6e-3, 1.6e-4), "grid": (1.6e-2, 1.6e-3),
             "f_dc": (5e-3, 5e-3), "f_rest": (2.5e-4, 2.5e-4), "opacity": (2e-2, 2e-2),
             "scaling": (5e-3, 5e-3), "rotation": (2e-3, 2e-3)},
-        deformation=DeformationConfig(resolution=(32, 32, 32, 16), multires=(1, 2), feature_dim=16),
+        # "symmetric" time uses the whole time axis of the planes (the faithful mapping uses only its upper half).
+        deformation=DeformationConfig(resolution=(32, 32, 32, 16), multires=(1, 2), feature_dim=16,
+                                      time_mapping="symmetric"),
         densify=AdaptiveDensification(refine_start=400, refine_stop=2400, densify_fraction=0.05,
                                       max_gaussians=60000),
     )
