@@ -176,8 +176,12 @@ def _bake(args) -> int:
     for note in res.notes:
         print(f"note: {note}", file=sys.stderr)
     print(res.summary())
+    plys = [p for p in res.paths if p.suffix == ".ply"]
     for p in res.paths:
-        print(f"  {p}")
+        if p.suffix != ".ply":
+            print(f"  {p}")
+    if plys:
+        print(f"  {plys[0].parent}/ ({len(plys)} per-frame PLY files)")
     return 0
 
 
