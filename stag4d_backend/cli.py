@@ -36,7 +36,8 @@ def _build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit 4D Gaussians to a STAG4D-layout data directory")
     f.add_argument("data_dir")
     f.add_argument("-o", "--output", required=True)
-    f.add_argument("--preset", default=None)
+    f.add_argument("--preset", default=None, help="paper, standard, preview or tiny (default: standard on a CUDA "
+                   "GPU, preview on a CPU)")
     f.add_argument("--iters", type=int)
     f.add_argument("--resolution", type=int)
     f.add_argument("--device")
@@ -97,6 +98,15 @@ def _parse_frames(text: str | None) -> list[int] | None:
     return frames
 
 
+def _default_preset(device: str | None) -> str:
+    """`standard` where a CUDA device will run the fit, `preview` (minutes on a CPU) elsewhere."""
+    if device and device.startswith("cpu"):
+        return "preview"
+    import torch
+
+    return "standard" if torch.cuda.is_available() else "preview"
+
+
 def _fit(args) -> int:
     import dataclasses
 
@@ -106,7 +116,7 @@ def _fit(args) -> int:
     from .progress import FitProgressBar
 
     try:
-        cfg = get_preset(args.preset or "preview")
+        cfg = get_preset(args.preset or _default_preset(args.device))
         if args.iters:
             cfg = cfg.with_iters(args.iters)
         if args.resolution:
