@@ -14,13 +14,12 @@ Every file is written to a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, write_json
 from .gaussians.animated import AnimatedGaussians
 from .gaussians.deformation import DeformationConfig, DeformationNetwork
 from .gaussians.model import GaussianModel
@@ -36,34 +35,15 @@ class FittedModelError(ValueError):
     """A folder that is not (or not yet) a complete fit."""
 
 
-def write_json_atomic(path: Path, data) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_fitted(out_dir: str | Path, model: GaussianModel, deformation: DeformationNetwork, meta: dict) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model_ply(out_dir / CANONICAL, model)
     state = {k: v.detach().to("cpu").contiguous() for k, v in deformation.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{DEFORMATION}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"deformation_config": json.dumps(deformation.cfg.to_dict()),
-                                        "format_version": str(FORMAT_VERSION)})
-        os.replace(tmp, out_dir / DEFORMATION)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    write_json_atomic(out_dir / META, dict(meta, format_version=FORMAT_VERSION))
+    with atomic_path(out_dir / DEFORMATION) as tmp:
+        save_file(state, str(tmp), metadata={"deformation_config": json.dumps(deformation.cfg.to_dict()),
+                                             "format_version": str(FORMAT_VERSION)})
+    write_json(out_dir / META, dict(meta, format_version=FORMAT_VERSION), sort_keys=True)
 
 
 def load_meta(out_dir: str | Path) -> dict:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .fitted import write_json_atomic
+from .atomic import write_json
 
 JOB_FILE = "job.json"
 EVENTS_FILE = "events.jsonl"
@@ -46,8 +46,8 @@ class Job:
     def create(self, request: dict) -> "Job":
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / JOB_FILE).exists():
-            write_json_atomic(self.path / JOB_FILE, {"request": request, "state": "created",
-                                                     "created": time.time(), "versions": {"stag4d": __version__}})
+            write_json(self.path / JOB_FILE, {"request": request, "state": "created", "created": time.time(),
+                                              "versions": {"stag4d": __version__}}, sort_keys=True)
         return self
 
     def read(self) -> dict:
@@ -57,7 +57,7 @@ class Job:
         with self._lock:
             data = self.read()
             data.update(fields, updated=time.time())
-            write_json_atomic(self.path / JOB_FILE, data)
+            write_json(self.path / JOB_FILE, data, sort_keys=True)
             return data
 
     def _count_events(self) -> int:

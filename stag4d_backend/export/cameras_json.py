@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from ..render.cameras import ANCHOR_TILE, OrbitCamera, anchor_cameras, blender_camera_matrix, front_camera
-from ._atomic import write_json
+from ..atomic import write_json
 
 SENSOR_HEIGHT_MM = 24.0
 

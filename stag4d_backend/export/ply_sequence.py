@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..gaussians.ply import ply_attribute_names
-from ._atomic import atomic_dir
+from ..atomic import atomic_dir
 from .frames import SampledFrames
 
 

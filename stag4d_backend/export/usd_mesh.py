@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_path
+from ..atomic import atomic_path
 from .frames import srgb_to_linear
 from .usd_points import import_pxr, new_stage
 

@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from ._atomic import atomic_path
+from ..atomic import atomic_path
 from .frames import SampledFrames, srgb_to_linear
 
 ROOT = "/STAG4D"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_path
 
 STATE = "state.pt"
 # Options that do not change the result: a resume may differ in these.
@@ -33,14 +33,8 @@ def fingerprint(config: dict, data_dir: str | Path, frames: list[int] | None = N
 def save_checkpoint(out_dir: str | Path, state: dict, fp: str) -> Path:
     out_dir = Path(out_dir)
     path = out_dir / STATE
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{STATE}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(dict(state, fingerprint=fp), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -15,10 +15,11 @@ Writes are atomic: a temporary file in the destination directory, fsync, then ``
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict, Optional, Union
 
 import numpy as np
+
+from ..atomic import atomic_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -83,23 +84,11 @@ def save_ply(
         vertex[name] = columns[:, i]
     data = PlyData([PlyElement.describe(vertex, "vertex")], text=False, byte_order="<")
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             data.write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def load_ply(path: PathLike) -> Dict[str, np.ndarray]:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..export._atomic import remove_stale_temps, write_json
+from ..atomic import remove_stale_temps, write_json
 from ..export.cameras_json import write_cameras_json
 from ..fitted import CANONICAL, DEFORMATION, META, FittedModelError, load_fitted
 

@@ -1,4 +1,5 @@
-"""Atomic file and directory replacement for the exporters (temp name in the same directory, then rename)."""
+"""Atomic file and directory replacement (temp name in the same directory, then rename): every writer of the
+backend goes through here, so a killed process never leaves a half-written file under its final name."""
 
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         raise
 
 
-def write_json(path: str | os.PathLike, data, indent: int = 2) -> Path:
+def write_json(path: str | os.PathLike, data, indent: int = 2, sort_keys: bool = False) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=indent)
+            json.dump(data, fh, indent=indent, sort_keys=sort_keys)
             fh.write("\n")
     return path
 
