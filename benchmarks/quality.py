@@ -55,30 +55,17 @@ def _fit(data_dir: Path, out_dir: Path, preset: str, iters: int | None, frames=N
         cfg = cfg.with_iters(iters)
     if threads:
         cfg = dataclasses.replace(cfg, num_threads=threads)
-    last = {}
     t0 = time.perf_counter()
 
     def progress(s):
-        last.update(s)
         if s["step"] % max(1, cfg.iters // 20) == 0:
             print(f"  step {s['step']}/{cfg.iters} {s['stage']} loss {s['loss']:.1f} ref-psnr {s['psnr_ref']:.2f} "
                   f"gaussians {s['num_gaussians']} {time.perf_counter() - t0:.0f}s", flush=True)
 
-    def out_of_time() -> bool:
-        return bool(max_minutes) and time.perf_counter() - t0 > 60.0 * max_minutes
-
-    outcome = fit(data_dir, out_dir, cfg, frames=frames, progress=progress, should_stop=out_of_time)
-    if outcome.status == "cancelled":  # time budget spent: finish the files from the last step reached
+    outcome = fit(data_dir, out_dir, cfg, frames=frames, progress=progress,
+                  time_budget_s=60.0 * max_minutes if max_minutes else None)
+    if outcome.status == "time_budget":
         print(f"  time budget of {max_minutes} min reached at step {outcome.iterations}", flush=True)
-        from stag4d_backend.fitted import save_fitted
-        from stag4d_backend.fitting.checkpoint import load_checkpoint
-        from stag4d_backend.fitting.trainer import Trainer
-
-        trainer = Trainer(cfg, load_frames(data_dir, cfg.ref_resolution, cfg.anchor_resolution, frames=frames))
-        trainer.load_state_dict(load_checkpoint(out_dir))
-        save_fitted(out_dir, trainer.model, trainer.deformation,
-                    {"num_frames": trainer.num_frames, "fps": None, "iterations": trainer.it,
-                     "config": cfg.to_dict(), "stopped_by_time_budget": True})
     return outcome, time.perf_counter() - t0, cfg
 
 

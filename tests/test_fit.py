@@ -86,6 +86,14 @@ def test_cancel_checkpoints_and_resumes(toy_dir, tmp_path):
     assert fit(toy_dir, tmp_path / "o", cfg).resumed_from == 7
 
 
+def test_time_budget_writes_the_outputs_of_the_last_step(toy_dir, tmp_path):
+    out = fit(toy_dir, tmp_path / "o", _tiny(), time_budget_s=0.0)
+    assert out.status == "time_budget" and out.iterations < _tiny().iters
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["stopped_by_time_budget"] is True and meta["iterations"] == out.iterations
+    assert load_fitted(tmp_path / "o")[0].model.num_points == out.num_gaussians
+
+
 def test_other_options_in_the_same_folder_are_refused(toy_dir, tmp_path):
     fit(toy_dir, tmp_path / "o", _tiny(iters=12, checkpoint_every=5).with_iters(12))
     with pytest.raises(FitError, match="other data or options"):

@@ -7,6 +7,7 @@ ends with the same result as an uninterrupted run. A fit that has finished is no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class FitError(ValueError):
 
 @dataclass
 class FitOutcome:
-    status: str                 # "finished" | "already_finished" | "cancelled"
+    status: str                 # "finished" | "already_finished" | "cancelled" | "time_budget"
     out_dir: Path
     iterations: int
     num_gaussians: int
@@ -88,15 +89,15 @@ def _read_fps(data_dir: Path) -> float | None:
 
 def fit(data_dir: str | Path, out_dir: str | Path, cfg: FitConfig, *, sds: ScoreDistillation | None = None,
         guidance_explicit: bool = False, frames: list[int] | None = None, progress: ProgressFn | None = None,
-        should_stop: Callable[[], bool] | None = None, checkpoint_hook: Callable[[int], None] | None = None
-        ) -> FitOutcome:
+        should_stop: Callable[[], bool] | None = None, checkpoint_hook: Callable[[int], None] | None = None,
+        time_budget_s: float | None = None) -> FitOutcome:
+    """Fit and write the outputs. ``should_stop`` cancels (checkpoint only, resumable); ``time_budget_s`` ends the
+    run early but still writes the outputs of the last step reached (status "time_budget", for benchmarks)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = resolve_device(cfg.device)
     data = load_frames(data_dir, cfg.ref_resolution, cfg.anchor_resolution, frames=frames)
     guidance, notes = resolve_guidance(cfg, sds, guidance_explicit, data.has_anchors)
     if guidance != cfg.guidance:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, guidance=guidance)
     if out_dir.exists() and not out_dir.is_dir():
         raise FitError(f"{out_dir}: exists and is not a directory; choose another output folder")
@@ -128,7 +129,11 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: FitConfig, *, sds: Score
             checkpoint_hook(trainer.it)
 
     last = {}
+    out_of_time = False
     while trainer.it < cfg.iters:
+        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+            out_of_time = True
+            break
         if should_stop is not None and should_stop():
             checkpoint()
             return FitOutcome("cancelled", out_dir, trainer.it, trainer.model.num_points,
@@ -158,9 +163,10 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: FitConfig, *, sds: Score
         "data_dir": str(data_dir.resolve()),
         "source_size": data.source_size,
         "versions": {"stag4d": __version__, "torch": torch.__version__},
+        "stopped_by_time_budget": out_of_time,
     }
     save_fitted(out_dir, trainer.model, trainer.deformation, meta)
-    return FitOutcome("finished", out_dir, trainer.it, trainer.model.num_points, time.perf_counter() - t0,
+    return FitOutcome("time_budget" if out_of_time else "finished", out_dir, trainer.it, trainer.model.num_points, time.perf_counter() - t0,
                       resumed_from, tuple(notes))
 
 
