@@ -144,31 +144,8 @@ std::vector<int32_t> bin_gaussians(const float* means, const float* depths, cons
 }  // namespace stag4d
 
 // ------------------------------------------------------------------------------------ per-SIMD-level copies
-#if STAG4D_X86_DISPATCH
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,popcnt")
-#define STAG4D_IMPL_NS v4
-#define STAG4D_LANES 16
-#include "kernel_impl.inc"
-#undef STAG4D_IMPL_NS
-#undef STAG4D_LANES
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,popcnt")
-#define STAG4D_IMPL_NS v3
-#define STAG4D_LANES 8
-#include "kernel_impl.inc"
-#undef STAG4D_IMPL_NS
-#undef STAG4D_LANES
-#pragma GCC pop_options
-#endif
-
-#define STAG4D_IMPL_NS base
-#define STAG4D_LANES 4
-#include "kernel_impl.inc"
-#undef STAG4D_IMPL_NS
-#undef STAG4D_LANES
+#define STAG4D_IMPL_FILE "kernel_impl.inc"
+#include "simd_instances.inc"
 
 // ------------------------------------------------------------------------------------------------ dispatch
 namespace stag4d {

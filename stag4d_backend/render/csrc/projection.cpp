@@ -151,31 +151,8 @@ inline void finish_forward(const Camera<T>& c, int64_t i, T op, T cxx, T cxy, T 
 }  // namespace stag4d
 
 // ------------------------------------------------------------------------------------ per-SIMD-level copies
-#if STAG4D_X86_DISPATCH
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,popcnt")
-#define STAG4D_IMPL_NS v4
-#define STAG4D_LANES 16
-#include "projection_impl.inc"
-#undef STAG4D_IMPL_NS
-#undef STAG4D_LANES
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,popcnt")
-#define STAG4D_IMPL_NS v3
-#define STAG4D_LANES 8
-#include "projection_impl.inc"
-#undef STAG4D_IMPL_NS
-#undef STAG4D_LANES
-#pragma GCC pop_options
-#endif
-
-#define STAG4D_IMPL_NS base
-#define STAG4D_LANES 4
-#include "projection_impl.inc"
-#undef STAG4D_IMPL_NS
-#undef STAG4D_LANES
+#define STAG4D_IMPL_FILE "projection_impl.inc"
+#include "simd_instances.inc"
 
 namespace {
 
