@@ -34,7 +34,7 @@ from stag4d_backend.dataset import load_frames  # noqa: E402
 from stag4d_backend.example_scene import ExampleCreature, render_frame, write_stag4d_layout  # noqa: E402
 from stag4d_backend.fitted import load_fitted  # noqa: E402
 from stag4d_backend.metrics import psnr, ssim  # noqa: E402
-from stag4d_backend.render import rasterize  # noqa: E402
+from stag4d_backend.render.view import render_view  # noqa: E402
 from stag4d_backend.render.cameras import OrbitCamera, anchor_cameras, front_camera, to_torch  # noqa: E402
 from stag4d_backend.stages.fit import fit  # noqa: E402
 
@@ -44,8 +44,7 @@ HELD_OUT_VIEWS = [(el, az) for el in (0.0, 15.0) for az in (60.0, 120.0, 180.0, 
 @torch.no_grad()
 def render_fitted(animated, camera: OrbitCamera, frame: float) -> torch.Tensor:
     g = animated.at_frame(frame, to_torch(camera.position))
-    return rasterize(g.means, g.quats, g.scales, g.opacities, g.colors, to_torch(camera.viewmat),
-                     to_torch(camera.K), camera.size, camera.size, torch.ones(3)).rgb
+    return render_view(g, camera).rgb
 
 
 def _fit(data_dir: Path, out_dir: Path, preset: str, iters: int | None, frames=None, threads: int = 0,

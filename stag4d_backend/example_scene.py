@@ -202,13 +202,10 @@ def _quat_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def render_frame(frame: GaussianFrame, camera, background=(1.0, 1.0, 1.0)):
     """Ground-truth RGB [H,W,3] and alpha [H,W] of a frame from an OrbitCamera (white background by default)."""
-    from .render import rasterize
-    from .render.cameras import to_torch
+    from .render.view import render_view
 
     with torch.no_grad():
-        res = rasterize(frame.means, frame.quats, frame.scales, frame.opacities, frame.colors,
-                        to_torch(camera.viewmat), to_torch(camera.K), camera.size, camera.size,
-                        torch.tensor(background, dtype=torch.float32))
+        res = render_view(frame, camera, background)
     return res.rgb, res.alpha
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..fitted import load_fitted
 from ..gaussians.animated import AnimatedGaussians
-from ..render import rasterize
+from ..render.view import render_view
 from ..render.cameras import OrbitCamera, to_torch
 
 CAMERA_KEYS = ("index", "frame", "elevation", "azimuth", "radius", "fovy", "size")
@@ -59,8 +59,7 @@ def read_cameras(path: str | Path) -> list[dict]:
 def render_rgba(animated: AnimatedGaussians, camera: OrbitCamera, frame: float) -> np.ndarray:
     """Straight (un-premultiplied) RGBA uint8 [H, W, 4] of the model at ``frame`` seen from ``camera``."""
     g = animated.at_frame(frame, to_torch(camera.position))
-    res = rasterize(g.means, g.quats, g.scales, g.opacities, g.colors, to_torch(camera.viewmat),
-                    to_torch(camera.K), camera.size, camera.size, torch.zeros(3))
+    res = render_view(g, camera, (0.0, 0.0, 0.0))
     a = res.alpha.clamp(0, 1)
     rgb = torch.where(a[..., None] > 1e-6, res.rgb / a.clamp_min(1e-6)[..., None], torch.zeros_like(res.rgb))
     rgba = torch.cat([rgb.clamp(0, 1), a[..., None]], -1)
