@@ -64,14 +64,14 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("serve", help="run the local HTTP backend for the Blender add-on")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=0)
-    s.add_argument("--token-file")
-    s.add_argument("--jobs-dir")
+    from .server.cli import add_serve_arguments
+
+    add_serve_arguments(s)
 
     m = sub.add_parser("models", help="list or download the diffusion models")
-    m.add_argument("action", nargs="?", choices=["list", "download"], default="list")
-    m.add_argument("name", nargs="?")
+    from .models.cli import add_models_arguments
+
+    add_models_arguments(m)
 
     sub.add_parser("doctor", help="report device, memory, disk, CPU kernel, installed weights")
     return p
@@ -254,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         return _bake(args)
     if args.command == "render":
         return _render(args)
+    if args.command == "serve":
+        from .server.cli import run_serve
+
+        return run_serve(args)
+    if args.command == "models":
+        from .models.cli import run_models
+
+        return run_models(args)
     if args.command in _NOT_YET:
         print(f"stag4d {args.command}: not implemented yet in this version: {_NOT_YET[args.command]}.",
               file=sys.stderr)

@@ -90,9 +90,12 @@ def _read_fps(data_dir: Path) -> float | None:
 def fit(data_dir: str | Path, out_dir: str | Path, cfg: FitConfig, *, sds: ScoreDistillation | None = None,
         guidance_explicit: bool = False, frames: list[int] | None = None, progress: ProgressFn | None = None,
         should_stop: Callable[[], bool] | None = None, checkpoint_hook: Callable[[int], None] | None = None,
-        time_budget_s: float | None = None) -> FitOutcome:
+        time_budget_s: float | None = None, snapshot_every: int = 0,
+        on_snapshot: Callable[[int, object, object], None] | None = None) -> FitOutcome:
     """Fit and write the outputs. ``should_stop`` cancels (checkpoint only, resumable); ``time_budget_s`` ends the
-    run early but still writes the outputs of the last step reached (status "time_budget", for benchmarks)."""
+    run early but still writes the outputs of the last step reached (status "time_budget", for benchmarks).
+    ``on_snapshot(step, model, deformation)`` is called every ``snapshot_every`` steps (live previews); it must not
+    modify them."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = resolve_device(cfg.device)
     data = load_frames(data_dir, cfg.ref_resolution, cfg.anchor_resolution, frames=frames)
@@ -143,6 +146,10 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: FitConfig, *, sds: Score
             progress(dict(last, elapsed_s=elapsed_before + time.perf_counter() - t0))
         if trainer.it % cfg.checkpoint_every == 0 and trainer.it < cfg.iters:
             checkpoint()
+        if on_snapshot is not None and snapshot_every > 0 and trainer.it % snapshot_every == 0 \
+                and trainer.it < cfg.iters:
+            with torch.no_grad():
+                on_snapshot(trainer.it, trainer.model, trainer.deformation)
     checkpoint()
 
     elapsed = elapsed_before + time.perf_counter() - t0
