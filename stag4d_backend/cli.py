@@ -13,7 +13,6 @@ EXIT_NOT_IMPLEMENTED = 3
 # Subcommands of the design that do not exist yet, with the issue that brings them. They refuse clearly.
 _NOT_YET = {
     "serve": "the HTTP backend arrives with the server issue",
-    "models": "the model registry arrives with the generative-stages issue",
 }
 
 
@@ -30,8 +29,19 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="text prompt instead of an input file")
     g.add_argument("--example", action="store_true", help="run the bundled example (CPU, minutes)")
     g.add_argument("-o", "--output", required=True, help="job directory")
-    g.add_argument("--preset", default=None)
+    g.add_argument("--preset", default=None, help="paper, standard, preview or tiny (default: standard on a CUDA "
+                   "GPU, preview on a CPU)")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--frames", type=int, help="keep at most N frames of the input (evenly spaced)")
+    g.add_argument("--stride", type=int, help="keep every k-th input frame")
+    g.add_argument("--start", type=int, help="first input frame")
+    g.add_argument("--end", type=int, help="last input frame (exclusive)")
+    g.add_argument("--iters", type=int, help="fit steps (the preset's schedule is rescaled)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    g.add_argument("--guidance", choices=["anchors", "sds", "sds+anchors"], help="default: the preset's")
+    g.add_argument("--formats", help="bake formats (default: usd,ply,mesh,preview,cameras)")
+    g.add_argument("--fusion", choices=["lockstep", "stored", "off"],
+                   help="Zero123++ temporal-anchor fusion mode (default: lockstep)")
 
     f = sub.add_parser("fit", help="fit 4D Gaussians to a STAG4D-layout data directory")
     f.add_argument("data_dir")
@@ -195,12 +205,64 @@ def _bake(args) -> int:
     return 0
 
 
+EXIT_MISSING_WEIGHTS = 4  # a stage needs model weights that are not installed (the message says which)
+
+
+def _generate_from_input(args) -> int:
+    """`stag4d generate INPUT|--prompt TEXT -o JOB_DIR`: every stage it can, then stops at missing weights."""
+    from pathlib import Path
+
+    from .generate import RequestError, generative_stages, make_request
+    from .job import Job
+    from .models.registry import MissingWeightsError, ModelLoadError
+    from .pipeline import run_stages
+    from .progress import StageProgressBars
+
+    if args.input is None and args.prompt is None:
+        print("stag4d generate: give a video/image file or folder, --prompt TEXT, or --example", file=sys.stderr)
+        return EXIT_USAGE
+    if args.input is not None and args.prompt is not None:
+        print("stag4d generate: give either an input file or --prompt, not both", file=sys.stderr)
+        return EXIT_USAGE
+    formats = args.formats.split(",") if args.formats else None
+    try:
+        request = make_request(args.input, args.prompt, preset=args.preset, seed=args.seed, frames=args.frames,
+                               stride=args.stride, start=args.start, end=args.end, iters=args.iters,
+                               device=args.device, guidance=args.guidance, formats=formats, fusion=args.fusion)
+        job = Job(args.output)
+        if (job.path / "job.json").is_file() and job.read().get("request") != request:
+            raise RequestError(f"{job.path} holds another job; choose a new folder (or delete it to start over)")
+        job.create(request)
+        stages = generative_stages(request)
+    except RequestError as exc:
+        print(f"stag4d generate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    bars = StageProgressBars()
+    try:
+        summary = run_stages(job, stages, progress=bars.update)
+    except (MissingWeightsError, ModelLoadError) as exc:
+        bars.close()
+        print(f"stag4d generate: stopped: {exc}", file=sys.stderr)
+        print(f"Everything before this stage is saved in {job.path}; run the same command again to go on.",
+              file=sys.stderr)
+        return EXIT_MISSING_WEIGHTS
+    except (RequestError, ValueError) as exc:
+        bars.close()
+        print(f"stag4d generate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        bars.close()
+    for stage, result in summary.items():
+        took = f" ({result['elapsed_s']:.0f} s)" if isinstance(result, dict) and "elapsed_s" in result else ""
+        print(f"  {stage}: {'done' + took if isinstance(result, dict) else result}")
+    bake = Path(job.path).resolve() / "bake"
+    print(f"Wrote {job.path}; open {bake / 'gaussians.usdc'} in Blender (File > Import > USD) or use the add-on.")
+    return 0
+
+
 def _generate(args) -> int:
     if not args.example:
-        print("stag4d generate: generating from a video, an image or a prompt is not implemented yet in this "
-              "version (it arrives with the generative-stages issue); try `stag4d generate --example -o JOB_DIR`",
-              file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
+        return _generate_from_input(args)
     if args.input or args.prompt:
         print("stag4d generate: --example takes no input file or prompt", file=sys.stderr)
         return EXIT_USAGE

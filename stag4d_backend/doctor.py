@@ -48,4 +48,22 @@ def collect_report(cwd: str | os.PathLike = ".") -> dict[str, str]:
         report["rasteriser backends"] = ", ".join(available_backends())
     except ImportError as exc:  # the render package is incomplete in a broken install
         report["rasteriser backends"] = f"unavailable ({exc})"
+    report.update(weights_report())
     return report
+
+
+def weights_report() -> dict[str, str]:
+    """One line per registry model: present (where) or missing (size, licence, the command that gets it)."""
+    try:
+        from .models.registry import MODELS, hf_cache_dir, status
+    except ImportError as exc:  # huggingface_hub missing in a broken install
+        return {"weights": f"unknown ({exc})"}
+    lines = {"weights cache": str(hf_cache_dir())}
+    for name in MODELS:
+        s = status(name)
+        if s.location:
+            lines[f"weights {name}"] = f"present ({s.location.source}: {s.location.path}); licence {s.spec.licence}"
+        else:
+            lines[f"weights {name}"] = (f"missing: about {s.spec.size_gb:g} GB, licence {s.spec.licence}; "
+                                        f"`stag4d models download {name}`")
+    return lines
