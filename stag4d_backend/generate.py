@@ -127,9 +127,9 @@ def load_sds_if_present(cfg: FitConfig, options: dict):
     from .models.registry import MissingWeightsError
 
     try:
-        from .guidance.zero123_sds import load_zero123_sds
+        from .models.zero123_xl import load_zero123_sds, sds_options
 
-        return load_zero123_sds(device=cfg.device, local_path=options.get("sds_model_path"), seed=cfg.seed)
+        return load_zero123_sds(device=cfg.device, local_path=options.get("sds_model_path"), **sds_options(cfg))
     except MissingWeightsError:
         if options.get("guidance"):
             raise

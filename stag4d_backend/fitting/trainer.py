@@ -218,6 +218,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "densify_state": self.densify_state,
             "generator": self.generator.get_state(),
+            # The SDS model draws t and noise from its own generator: part of the state for a bit-exact resume.
+            "sds": self.sds.state_dict() if self.sds is not None and hasattr(self.sds, "state_dict") else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -227,4 +229,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.densify_state = state["densify_state"]
         self.generator.set_state(state["generator"])
+        if state.get("sds") is not None and self.sds is not None and hasattr(self.sds, "load_state_dict"):
+            self.sds.load_state_dict(state["sds"])
         self.it = int(state["it"])

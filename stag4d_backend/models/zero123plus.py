@@ -20,7 +20,6 @@ frame's result does not depend on what else is in its batch.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -115,13 +114,18 @@ class Zero123PlusModel:
     @property
     def tile_size(self) -> int:
         """Output tile edge in pixels: the VAE condition size (320 for the real model, so a 640x960 grid)."""
-        crop = getattr(self.feature_extractor_vae, "crop_size", None)
-        if isinstance(crop, dict):
-            return int(crop.get("height") or crop.get("shortest_edge"))
-        if crop:
-            return int(crop)
-        size = self.feature_extractor_vae.size
-        return int(size.get("shortest_edge") or size.get("height")) if isinstance(size, dict) else int(size)
+        fe = self.feature_extractor_vae
+        for size in (getattr(fe, "crop_size", None), getattr(fe, "size", None)):
+            if size is None:
+                continue
+            if isinstance(size, (int, float)):
+                return int(size)
+            # a dict in transformers 4, a SizeDict (attributes) in 5
+            get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+            edge = get("height") or get("shortest_edge")
+            if edge:
+                return int(edge)
+        raise ValueError("feature_extractor_vae has no crop size or size")
 
 
 def load_zero123plus(model_path: str | Path | None = None, device: str | torch.device = "cpu",
@@ -318,14 +322,15 @@ def generate_grids(sampler: Zero123PlusSampler, images: dict[int, Image.Image], 
                    guidance_scale: float = DEFAULT_GUIDANCE, seed: int = DEFAULT_SEED, per_frame_noise: bool = False,
                    mid_block_quirk: bool = True, tile: int | None = None,
                    on_step: Callable[[list[int], int, int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None,
+                   should_stop: Callable[[], bool] | None = None, decode: bool = True,
                    contexts: list | None = None) -> Iterator[tuple[int, Image.Image]]:
     """Yield (frame, grid image) for the frames in ``todo`` as each batch finishes.
 
     ``images`` must hold frame 0 whenever a later frame is asked for (it is the anchor). Modes:
     lockstep = frame 0 is denoised beside every batch of later frames (nothing stored, resumable per frame);
     stored = frame 0 once, its tokens kept in host memory for all later frames (the authors' way);
-    off = every frame independently (plain Zero123++). ``contexts`` collects the FusionContexts (tests)."""
+    off = every frame independently (plain Zero123++). ``decode=False`` yields latents [4, h, w] instead of
+    images; ``contexts`` collects the FusionContexts (tests)."""
     if mode not in ("lockstep", "stored", "off"):
         raise ValueError(f"fusion mode {mode!r}; expected lockstep, stored or off")
     todo = sorted(set(int(f) for f in todo))
@@ -343,7 +348,7 @@ def generate_grids(sampler: Zero123PlusSampler, images: dict[int, Image.Image], 
         report = (lambda i, n: on_step(frames, i, n)) if on_step else None
         lat = sampler.sample([cond(f) for f in frames], [seed_of(f) for f in frames], ctx, steps, guidance_scale,
                              tile, report, should_stop)
-        return sampler.decode(lat)
+        return sampler.decode(lat) if decode else list(lat)
 
     batches = frame_batches(todo, batch)
     if mode == "off":

@@ -107,7 +107,9 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: FitConfig, *, sds: Score
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
 
-    fp = fingerprint(cfg.to_dict(), data_dir, frames)
+    # The SDS model's own settings (latent mode, image size, ...) shape the result too: part of the fingerprint.
+    sds_opts = sds.options() if sds is not None and "sds" in guidance and hasattr(sds, "options") else None
+    fp = fingerprint(dict(cfg.to_dict(), sds=sds_opts) if sds_opts else cfg.to_dict(), data_dir, frames)
     state = load_checkpoint(out_dir) if out_dir.is_dir() else None
     if state is not None and state.get("fingerprint") != fp:
         raise FitError(f"{out_dir}: holds a fit of other data or options; use a new output folder "
