@@ -9,6 +9,7 @@ from . import __version__
 
 EXIT_USAGE = 2          # bad input: a clear one-line message, nothing half-written
 EXIT_NOT_IMPLEMENTED = 3
+EXIT_MISSING_WEIGHTS = 4  # a stage needs model weights that are not installed (the message says which)
 
 # Subcommands of the design that do not exist yet, with the issue that brings them. They refuse clearly.
 _NOT_YET = {
@@ -33,7 +34,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    "GPU, preview on a CPU)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--frames", type=int, help="keep at most N frames of the input (evenly spaced)")
-    g.add_argument("--stride", type=int, help="keep every k-th input frame")
+    g.add_argument("--stride", help="keep every k-th input frame, or 'auto' (with --frames: cover the whole clip)")
     g.add_argument("--start", type=int, help="first input frame")
     g.add_argument("--end", type=int, help="last input frame (exclusive)")
     g.add_argument("--iters", type=int, help="fit steps (the preset's schedule is rescaled)")
@@ -42,6 +43,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--formats", help="bake formats (default: usd,ply,mesh,preview,cameras)")
     g.add_argument("--fusion", choices=["lockstep", "stored", "off"],
                    help="Zero123++ temporal-anchor fusion mode (default: lockstep)")
+    g.add_argument("--anchor-steps", type=int, help="Zero123++ denoising steps (default 75, as the authors)")
+    g.add_argument("--matting", choices=["auto", "model", "none", "white-key", "color-key"],
+                   help="how an input without alpha is cut out (default auto: the matting model when installed)")
+    g.add_argument("--video-frames", type=int, help="image/prompt input: frames the video model generates")
 
     f = sub.add_parser("fit", help="fit 4D Gaussians to a STAG4D-layout data directory")
     f.add_argument("data_dir")
@@ -138,10 +143,20 @@ def _fit(args) -> int:
     except ValueError as exc:
         print(f"stag4d fit: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from .generate import load_sds_if_present
+    from .models.registry import MissingWeightsError, ModelLoadError
+
+    try:
+        # Zero123-XL when the guidance uses SDS and the weights are installed; a preset's default falls back to
+        # the anchor views without them (the fit says so), an explicit --guidance sds stops here.
+        sds = load_sds_if_present(cfg, {"guidance": args.guidance})
+    except (MissingWeightsError, ModelLoadError) as exc:
+        print(f"stag4d fit: {exc}", file=sys.stderr)
+        return EXIT_MISSING_WEIGHTS
     bar = None if args.quiet else FitProgressBar(cfg.iters)
     try:
-        outcome = fit(args.data_dir, args.output, cfg, guidance_explicit=args.guidance is not None, frames=frames,
-                      progress=bar.update if bar else None)
+        outcome = fit(args.data_dir, args.output, cfg, sds=sds, guidance_explicit=args.guidance is not None,
+                      frames=frames, progress=bar.update if bar else None)
     except (DataError, FitError) as exc:
         print(f"stag4d fit: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -205,9 +220,6 @@ def _bake(args) -> int:
     return 0
 
 
-EXIT_MISSING_WEIGHTS = 4  # a stage needs model weights that are not installed (the message says which)
-
-
 def _generate_from_input(args) -> int:
     """`stag4d generate INPUT|--prompt TEXT -o JOB_DIR`: every stage it can, then stops at missing weights."""
     from pathlib import Path
@@ -228,7 +240,9 @@ def _generate_from_input(args) -> int:
     try:
         request = make_request(args.input, args.prompt, preset=args.preset, seed=args.seed, frames=args.frames,
                                stride=args.stride, start=args.start, end=args.end, iters=args.iters,
-                               device=args.device, guidance=args.guidance, formats=formats, fusion=args.fusion)
+                               device=args.device, guidance=args.guidance, formats=formats, fusion=args.fusion,
+                               anchor_steps=args.anchor_steps, matting=args.matting,
+                               video_frames=args.video_frames)
         job = Job(args.output)
         if (job.path / "job.json").is_file() and job.read().get("request") != request:
             raise RequestError(f"{job.path} holds another job; choose a new folder (or delete it to start over)")

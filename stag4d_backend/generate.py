@@ -113,7 +113,11 @@ def _anchors_stage(request: dict, should_stop) -> Stage:
     from .stages import anchors
 
     def options(job: Job) -> dict:
-        return dict(request.get("options", {}), should_stop=should_stop)
+        # The request's options are shared by every stage: the anchors' own knobs carry an anchor_ prefix there.
+        opts = {k: v for k, v in request.get("options", {}).items() if k not in ("steps", "batch", "model_path")}
+        opts.update(steps=opts.pop("anchor_steps", None), batch=opts.pop("anchor_batch", None),
+                    should_stop=should_stop)
+        return opts
 
     return Stage("anchors", lambda job: anchors.is_done(job, options(job)),
                  lambda job, progress: anchors.run(job, options(job), lambda s: progress("anchors", s)))
