@@ -8,13 +8,8 @@ import sys
 from . import __version__
 
 EXIT_USAGE = 2          # bad input: a clear one-line message, nothing half-written
-EXIT_NOT_IMPLEMENTED = 3
 EXIT_MISSING_WEIGHTS = 4  # a stage needs model weights that are not installed (the message says which)
 
-# Subcommands of the design that do not exist yet, with the issue that brings them. They refuse clearly.
-_NOT_YET = {
-    "serve": "the HTTP backend arrives with the server issue",
-}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -338,10 +333,6 @@ def main(argv: list[str] | None = None) -> int:
         from .models.cli import run_models
 
         return run_models(args)
-    if args.command in _NOT_YET:
-        print(f"stag4d {args.command}: not implemented yet in this version: {_NOT_YET[args.command]}.",
-              file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE
 

@@ -25,22 +25,6 @@ def test_no_command_prints_help_and_fails(capsys):
     assert "generate" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", sorted(cli._NOT_YET))
-def test_unimplemented_commands_say_so_and_exit_nonzero(command, capsys, tmp_path):
-    argv = {
-        "generate": ["generate", "--example", "-o", str(tmp_path / "job")],
-        "fit": ["fit", str(tmp_path), "-o", str(tmp_path / "out")],
-        "render": ["render", str(tmp_path), "--cameras", "c.json", "-o", str(tmp_path / "img")],
-        "bake": ["bake", str(tmp_path)],
-        "serve": ["serve"],
-        "models": ["models", "list"],
-    }[command]
-    assert cli.main(argv) == cli.EXIT_NOT_IMPLEMENTED
-    err = capsys.readouterr().err
-    assert "not implemented" in err and command in err
-    assert not (tmp_path / "out").exists() and not (tmp_path / "job").exists()
-
-
 def test_doctor_reports_device_and_torch(capsys):
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
