@@ -45,7 +45,8 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 VIDEO_EXTS = {".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi"}
 
 NO_MATTING = ("input has no alpha and no matting model is installed: `stag4d models download matting`, or give "
-              "RGBA frames (PNG with transparency) / an image sequence cut out in any tool")
+              "RGBA frames (PNG with transparency) / an image sequence cut out in any tool; on a plain uniform "
+              "background, matting='color-key' (CLI: --matting color-key, or white-key) cuts it out without a model")
 
 
 class PreprocessError(ValueError):
