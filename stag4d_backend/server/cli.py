@@ -1,18 +1,202 @@
-"""`stag4d serve`: argument definitions and the entry point (filled in by the server issue)."""
+"""`stag4d serve`: flags, start-up checks, the address line, then uvicorn until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import argparse
+import ipaddress
+import json
+import os
+import socket
 import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free one)") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{v} is not a port number (0-65535; 0 picks a free one)")
+    return v
+
+
+def _positive_mb(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of megabytes") from None
+    if not 0 < v <= 1024 * 1024:
+        raise argparse.ArgumentTypeError(f"{text}: must be more than 0 and at most 1048576 (1 TB)")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= v <= 64:
+        raise argparse.ArgumentTypeError(f"{v}: must be between 0 and 64")
+    return v
+
+
+def _devices(text: str) -> str:
+    from .devices import parse_devices
+
+    try:
+        parse_devices(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def add_serve_arguments(p) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--token-file")
-    p.add_argument("--jobs-dir")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; anything else makes the token "
+                        "the only protection)")
+    p.add_argument("--port", type=_port, default=0, help="TCP port (default 0: a free one, printed on start)")
+    p.add_argument("--token-file", help="bearer token file, created (0600) if absent (default $STAG4D_TOKEN_FILE "
+                                        "or ~/.stag4d/token)")
+    p.add_argument("--jobs-dir", help="where job directories live (default $STAG4D_JOBS_DIR or ~/.stag4d/jobs)")
+    p.add_argument("--allow-server-paths", action="store_true",
+                   help="allow jobs on files/folders already on the server (kind 'path'); off: uploads only")
+    p.add_argument("--max-upload-mb", type=_positive_mb, default=2048.0, help="upload size limit (default 2048)")
+    p.add_argument("--device", type=_devices, default="auto",
+                   help="auto (every CUDA device, else the CPU), cpu, cuda, cuda:N, or a comma list")
+    p.add_argument("--jobs-per-device", type=_count, default=1,
+                   help="jobs running at once on each device (default 1; 0 = accept and queue, run nothing)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="do not resume jobs interrupted by a crash or shutdown on start (resume them on request)")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
+    prog = p.prog
+
+    def one_line_error(message: str):  # argparse's default prints the whole usage first
+        print(f"{prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+    p.error = one_line_error
+
+
+def _default_jobs_dir() -> Path:
+    return Path(os.environ.get("STAG4D_JOBS_DIR") or Path.home() / ".stag4d" / "jobs").expanduser()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)  # connections made right after the address line wait in the backlog until uvicorn accepts
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(bound: str) -> str:
+    ip = ipaddress.ip_address(bound)
+    if ip.is_unspecified:  # listening everywhere: a local parent reaches it on loopback
+        return "127.0.0.1" if ip.version == 4 else "[::1]"
+    return f"[{bound}]" if ip.version == 6 else bound
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def run_serve(args) -> int:
-    print("stag4d serve: not implemented yet in this version: the HTTP backend arrives with the server issue.",
-          file=sys.stderr)
-    return 3
+    import uvicorn
+
+    from .app import Settings, create_app
+    from .auth import TokenFileError, default_token_file, load_or_create_token
+    from .devices import parse_devices, probe_devices
+    from .jobs import JobManager, ServerLockError
+
+    def fail(message: str) -> int:
+        print(f"stag4d serve: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+    token_file = Path(args.token_file).expanduser() if args.token_file else default_token_file()
+    try:
+        token, notes = load_or_create_token(token_file)
+    except (TokenFileError, OSError) as exc:
+        return fail(str(exc))
+    token_file = token_file.resolve()
+    jobs_dir = Path(args.jobs_dir).expanduser() if args.jobs_dir else _default_jobs_dir()
+    try:
+        jobs_dir.mkdir(parents=True, exist_ok=True)
+        jobs_dir = jobs_dir.resolve()
+        if not os.access(jobs_dir, os.W_OK):
+            return fail(f"--jobs-dir {jobs_dir}: not writable")
+    except OSError as exc:
+        return fail(f"--jobs-dir {jobs_dir}: {exc.strerror}")
+    try:
+        sock = _bind(args.host, args.port)
+    except (OSError, socket.gaierror) as exc:
+        return fail(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})")
+    bound_host, bound_port = sock.getsockname()[:2]
+
+    settings = Settings(jobs_dir=jobs_dir, token=token, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                        allow_server_paths=args.allow_server_paths, jobs_per_device=args.jobs_per_device,
+                        devices=parse_devices(args.device), auto_resume=not args.no_resume)
+    manager = JobManager(jobs_dir, settings.devices, settings.jobs_per_device, settings.auto_resume,
+                         probe=probe_devices, on_note=lambda m: print(f"stag4d serve: {m}", file=sys.stderr))
+    try:
+        notes += manager.start()
+    except ServerLockError as exc:
+        sock.close()
+        return fail(str(exc))
+
+    address = {"url": f"http://{_url_host(bound_host)}:{bound_port}", "host": bound_host, "port": bound_port,
+               "token_file": str(token_file), "pid": os.getpid(), "jobs_dir": str(jobs_dir), "api": 1}
+    line = json.dumps(address)
+    address_file = token_file.with_name(token_file.name + ".address.json")
+    try:  # before the line: whoever reads the line may look for the file at once
+        _write_private(address_file, line + "\n")
+    except OSError as exc:
+        notes.append(f"cannot write {address_file} ({exc.strerror})")
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    if not _is_loopback(bound_host):
+        print(f"stag4d serve: warning: listening on {bound_host}:{bound_port}, reachable from other machines. The "
+              f"token is the only protection, and the traffic (token included) is not encrypted: prefer an SSH "
+              f"tunnel to a server on 127.0.0.1, or a TLS reverse proxy.", file=sys.stderr)
+    for note in notes:
+        print(f"stag4d serve: {note}", file=sys.stderr)
+
+    def remove_address_file():
+        try:
+            if json.loads(address_file.read_text()).get("pid") == os.getpid():
+                address_file.unlink()
+        except (OSError, ValueError):
+            pass
+
+    # uvicorn re-raises SIGTERM/SIGINT after its shutdown, so cleanup lives in the app's lifespan.
+    app = create_app(settings, manager, on_shutdown=remove_address_file)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("info", "debug"),
+                            timeout_graceful_shutdown=3, lifespan="on")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        manager.shutdown()
+        remove_address_file()
+    return 0

@@ -1,0 +1,44 @@
+"""STAG4D for Blender: generate animated 3D Gaussians from a video, an image or a prompt with the STAG4D backend,
+watch the fit, scrub the result on the timeline, export it. See README.md in this folder.
+
+Standard library and Blender's modules only; the heavy work runs in the backend process (`stag4d serve`).
+"""
+
+from __future__ import annotations
+
+import bpy
+from bpy.app.handlers import persistent
+
+from . import operators, panel, preferences, props, state
+
+_classes = preferences.classes + props.classes + operators.classes + panel.classes
+
+
+@persistent
+def _on_load(_dummy=None):
+    # Jobs of the opened file that were still running: follow them again (never blocks: a thread connects).
+    try:
+        state.reattach(state.backend_config())
+        state.ensure_timer()
+    except Exception as exc:  # noqa: BLE001 - a load handler must not break file loading
+        print(f"STAG4D: could not reattach jobs: {exc}")
+
+
+def register():
+    for cls in _classes:
+        bpy.utils.register_class(cls)
+    props.register_props()
+    if _on_load not in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.append(_on_load)
+    state.ensure_timer()
+
+
+def unregister():
+    state.remove_timer()
+    if _on_load in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(_on_load)
+    state.stop_all(stop_server=True)
+    props.unregister_props()
+    for cls in reversed(_classes):
+        if getattr(cls, "is_registered", False):
+            bpy.utils.unregister_class(cls)

@@ -1,0 +1,415 @@
+"""The "Gaussian splats" geometry-nodes group and its two materials, built in Python (no asset .blend to lose).
+
+Each Gaussian becomes an instance of one ico sphere of radius ``Extent`` (in sigmas), rotated by its
+``orientations`` quaternion and scaled by its linear ``scales``: an ellipsoid covering the Gaussian out to
+``Extent`` sigmas. The instances stay instances (never realised), so a frame change only re-evaluates the
+50k instance transforms, and the renderers share one sphere mesh.
+
+The splat material makes each ellipsoid look like the Gaussian it stands for, not a ball: in the instance's own
+space (``Object`` texture coordinates, where the Gaussian is the unit normal distribution) the viewing ray through
+the shaded point passes the centre at distance d, and the most the Gaussian reaches along that ray is
+exp(-d^2 / 2). The surface alpha is ``opacity * exp(-d^2 / 2)`` (capped at 0.99 and cut below 1/255 like the
+backend's rasteriser) on front faces and 0 on back faces, so each Gaussian is counted once per ray whatever
+the sphere's tessellation. This is the backend's per-Gaussian alpha, evaluated for the 3D ray instead of the
+2D projected ellipse; colour is the unlit ``displayColor`` (Emission), so renders match the backend's.
+
+Everything reads point attributes the USD importer creates (docs/bake.md): ``orientations`` (QUATERNION),
+``scales`` (FLOAT_VECTOR), ``opacity`` (FLOAT), ``displayColor`` (FLOAT_COLOR), ``radius`` (FLOAT). The positions and
+orientations are in the object's own (Y-up) space; the object's +90 degree X rotation takes them to Z-up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import bpy
+
+GROUP_NAME = "Gaussian splats"
+MODIFIER_NAME = "Gaussian splats"
+SPLAT_MATERIAL = "STAG4D splat"
+POINTS_MATERIAL = "STAG4D points"
+# Bump when the node graph changes: an older group in a saved .blend is rebuilt instead of reused.
+VERSION = 2
+
+DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
+DEFAULT_DETAIL = 2          # ico sphere subdivisions: 80 triangles per Gaussian
+# Distance of the closest face from the centre of Blender's unit ico sphere, by subdivisions 1..4: the sphere
+# is scaled by 1/this so that its faces lie outside Extent sigmas (an icosahedron's faces are at 0.79 of its
+# radius and would clip the Gaussians' tails, thinning sparse silhouettes).
+ICO_INRADIUS = (0.7946, 0.9342, 0.9822, 0.9955)
+DEFAULT_MIN_OPACITY = 1.0 / 255.0
+# The backend's rasteriser (gsplat "classic") adds 0.3 px^2 to every projected covariance: thin Gaussians show at
+# least about half a pixel wide. Adding the same variance isotropically in 3D, sigma_d = sqrt(0.3) x (the angle of
+# one pixel) x (distance to the camera), gives the same blur (an isotropic term commutes with the rotation, so the
+# splat's scales become sqrt(s^2 + sigma_d^2)). Default: the backend's 49.1 degree camera at 512 px.
+BLUR_PX2 = 0.3
+DEFAULT_PIXEL_ANGLE = 2.0 * math.tan(math.radians(49.1) / 2.0) / 512.0
+
+
+def _socket(ng, name, in_out, socket_type, default=None, min_value=None, max_value=None, description=""):
+    s = ng.interface.new_socket(name, in_out=in_out, socket_type=socket_type, description=description)
+    if default is not None:
+        s.default_value = default
+    if min_value is not None:
+        s.min_value = min_value
+    if max_value is not None:
+        s.max_value = max_value
+    return s
+
+
+def _math(nodes, op, x, y, a=None, b=None, links=None):
+    n = nodes.new("ShaderNodeMath")
+    n.operation = op
+    n.location = (x, y)
+    for i, v in enumerate((a, b)):
+        if v is None:
+            continue
+        if isinstance(v, (int, float)):
+            n.inputs[i].default_value = v
+        else:
+            links.new(v, n.inputs[i])
+    return n.outputs[0]
+
+
+def _vmath(nodes, op, x, y, a, b=None, links=None):
+    n = nodes.new("ShaderNodeVectorMath")
+    n.operation = op
+    n.location = (x, y)
+    links.new(a, n.inputs[0])
+    if b is not None:
+        links.new(b, n.inputs[1])
+    return n.outputs["Value" if op in ("DOT_PRODUCT", "LENGTH", "DISTANCE") else "Vector"]
+
+
+def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
+    """Emission colour from the instance's ``displayColor``, alpha = opacity x the Gaussian along the ray."""
+    mat = bpy.data.materials.get(name) or bpy.data.materials.new(name)
+    if mat.node_tree is None:  # Blender < 5.0 (5.0 always gives materials a node tree)
+        mat.use_nodes = True
+    nt = mat.node_tree
+    nodes, links = nt.nodes, nt.links
+    nodes.clear()
+
+    coords = nodes.new("ShaderNodeTexCoord")
+    coords.location = (-1200, 200)
+    geom = nodes.new("ShaderNodeNewGeometry")
+    geom.location = (-1200, -100)
+    # The incoming (toward the viewer) direction in the instance's space, where the Gaussian is isotropic.
+    to_obj = nodes.new("ShaderNodeVectorTransform")
+    to_obj.vector_type, to_obj.convert_from, to_obj.convert_to = "VECTOR", "WORLD", "OBJECT"
+    to_obj.location = (-1000, -100)
+    links.new(geom.outputs["Incoming"], to_obj.inputs["Vector"])
+    p = coords.outputs["Object"]
+    d = _vmath(nodes, "NORMALIZE", -800, -100, to_obj.outputs["Vector"], links=links)
+    pd = _vmath(nodes, "DOT_PRODUCT", -600, 0, p, d, links=links)
+    pp = _vmath(nodes, "DOT_PRODUCT", -600, 200, p, p, links=links)
+    # d^2 = |p|^2 - (p . d)^2: squared distance of the ray from the Gaussian's centre, in sigmas.
+    dist2 = _math(nodes, "SUBTRACT", -400, 100, pp, _math(nodes, "MULTIPLY", -500, 0, pd, pd, links=links),
+                  links=links)
+    gauss = _math(nodes, "EXPONENT", -200, 100, _math(nodes, "MULTIPLY", -300, 100, dist2, -0.5, links=links),
+                  links=links)
+
+    opacity = nodes.new("ShaderNodeAttribute")
+    opacity.attribute_type, opacity.attribute_name = "INSTANCER", "opacity"
+    opacity.location = (-400, -250)
+    color = nodes.new("ShaderNodeAttribute")
+    color.attribute_type, color.attribute_name = "INSTANCER", "displayColor"
+    color.location = (-400, 450)
+
+    alpha = _math(nodes, "MULTIPLY", 0, 0, gauss, opacity.outputs["Fac"], links=links)
+    alpha = _math(nodes, "MINIMUM", 150, 0, alpha, 0.99, links=links)
+    # Below 1/255 the backend drops the Gaussian's contribution; doing the same keeps the silhouettes equal.
+    keep = _math(nodes, "GREATER_THAN", 150, -150, alpha, DEFAULT_MIN_OPACITY, links=links)
+    alpha = _math(nodes, "MULTIPLY", 300, 0, alpha, keep, links=links)
+    front = _math(nodes, "SUBTRACT", 150, -300, 1.0, geom.outputs["Backfacing"], links=links)
+    alpha = _math(nodes, "MULTIPLY", 450, 0, alpha, front, links=links)
+
+    emit = nodes.new("ShaderNodeEmission")
+    emit.location = (300, 300)
+    links.new(color.outputs["Color"], emit.inputs["Color"])
+    emit.inputs["Strength"].default_value = 1.0
+    clear = nodes.new("ShaderNodeBsdfTransparent")
+    clear.location = (300, 150)
+    mix = nodes.new("ShaderNodeMixShader")
+    mix.location = (600, 150)
+    links.new(alpha, mix.inputs["Fac"])
+    links.new(clear.outputs["BSDF"], mix.inputs[1])
+    links.new(emit.outputs["Emission"], mix.inputs[2])
+    out = nodes.new("ShaderNodeOutputMaterial")
+    out.location = (800, 150)
+    links.new(mix.outputs["Shader"], out.inputs["Surface"])
+    _transparent_settings(mat)
+    mat["stag4d_version"] = VERSION
+    return mat
+
+
+def build_points_material(name: str = POINTS_MATERIAL) -> bpy.types.Material:
+    """The light "points" display: each point a sphere of its Gaussian's colour and opacity."""
+    mat = bpy.data.materials.get(name) or bpy.data.materials.new(name)
+    if mat.node_tree is None:  # Blender < 5.0 (5.0 always gives materials a node tree)
+        mat.use_nodes = True
+    nodes, links = mat.node_tree.nodes, mat.node_tree.links
+    nodes.clear()
+    color = nodes.new("ShaderNodeAttribute")
+    color.attribute_type, color.attribute_name = "GEOMETRY", "displayColor"
+    opacity = nodes.new("ShaderNodeAttribute")
+    opacity.attribute_type, opacity.attribute_name = "GEOMETRY", "opacity"
+    opacity.location = (0, -200)
+    emit = nodes.new("ShaderNodeEmission")
+    emit.location = (200, 100)
+    links.new(color.outputs["Color"], emit.inputs["Color"])
+    clear = nodes.new("ShaderNodeBsdfTransparent")
+    clear.location = (200, -50)
+    mix = nodes.new("ShaderNodeMixShader")
+    mix.location = (400, 0)
+    links.new(opacity.outputs["Fac"], mix.inputs["Fac"])
+    links.new(clear.outputs["BSDF"], mix.inputs[1])
+    links.new(emit.outputs["Emission"], mix.inputs[2])
+    out = nodes.new("ShaderNodeOutputMaterial")
+    out.location = (600, 0)
+    links.new(mix.outputs["Shader"], out.inputs["Surface"])
+    _transparent_settings(mat)
+    mat["stag4d_version"] = VERSION
+    return mat
+
+
+def _transparent_settings(mat) -> None:
+    # EEVEE (Next, 4.2+): "Dithered" composites any number of overlapping splats in any order and converges
+    # with samples; "Blended" sorts per object only, so the instances of one cloud would overlap wrongly.
+    if hasattr(mat, "surface_render_method"):
+        mat.surface_render_method = "DITHERED"
+    if hasattr(mat, "use_transparent_shadow"):
+        mat.use_transparent_shadow = True
+    mat.diffuse_color = (0.8, 0.8, 0.8, 1.0)
+
+
+def build_node_group(splat_material=None, points_material=None) -> bpy.types.NodeTree:
+    """The "Gaussian splats" group (reused when an up-to-date one exists in the file)."""
+    ng = bpy.data.node_groups.get(GROUP_NAME)
+    if ng is not None and ng.get("stag4d_version") == VERSION and ng.bl_idname == "GeometryNodeTree":
+        return ng
+    if ng is None:
+        ng = bpy.data.node_groups.new(GROUP_NAME, "GeometryNodeTree")
+    else:
+        ng.nodes.clear()
+        ng.interface.clear()
+    splat_material = splat_material or build_splat_material()
+    points_material = points_material or build_points_material()
+    nodes, links = ng.nodes, ng.links
+
+    _socket(ng, "Geometry", "INPUT", "NodeSocketGeometry")
+    _socket(ng, "Points", "INPUT", "NodeSocketBool", False,
+            description="Show plain points instead of ellipsoid splats (lighter, for big sets)")
+    _socket(ng, "Extent", "INPUT", "NodeSocketFloat", DEFAULT_EXTENT, 0.5, 6.0,
+            description="Size of each splat's ellipsoid in standard deviations")
+    _socket(ng, "Detail", "INPUT", "NodeSocketInt", DEFAULT_DETAIL, 1, 4,
+            description="Subdivisions of the sphere each splat is drawn with")
+    _socket(ng, "Min Opacity", "INPUT", "NodeSocketFloat", DEFAULT_MIN_OPACITY, 0.0, 1.0,
+            description="Skip Gaussians fainter than this")
+    _socket(ng, "Point Size", "INPUT", "NodeSocketFloat", 1.0, 0.0, 10.0,
+            description="Radius of the points display, in multiples of each Gaussian's largest sigma")
+    _socket(ng, "Pixel Angle", "INPUT", "NodeSocketFloat", DEFAULT_PIXEL_ANGLE, 0.0, 0.1,
+            description="Angle one pixel of the render spans (radians); splats are widened by the backend "
+                        "rasteriser's 0.3 px^2 screen-space blur at this size. Driven by the scene camera")
+    _socket(ng, "Splat Material", "INPUT", "NodeSocketMaterial", splat_material)
+    _socket(ng, "Points Material", "INPUT", "NodeSocketMaterial", points_material)
+    _socket(ng, "Geometry", "OUTPUT", "NodeSocketGeometry")
+
+    gin = nodes.new("NodeGroupInput")
+    gin.location = (-900, 0)
+    gout = nodes.new("NodeGroupOutput")
+    gout.location = (700, 0)
+
+    def named(name, data_type, y):
+        n = nodes.new("GeometryNodeInputNamedAttribute")
+        n.data_type = data_type
+        n.inputs["Name"].default_value = name
+        n.location = (-600, y)
+        return n.outputs["Attribute"]
+
+    orient = named("orientations", "QUATERNION", -200)
+    scales = named("scales", "FLOAT_VECTOR", -350)
+    opacity = named("opacity", "FLOAT", -500)
+    radius = named("radius", "FLOAT", -650)
+
+    visible = nodes.new("FunctionNodeCompare")
+    visible.data_type, visible.operation = "FLOAT", "GREATER_THAN"
+    visible.location = (-350, -500)
+    links.new(opacity, visible.inputs[0])
+    links.new(gin.outputs["Min Opacity"], visible.inputs[1])
+
+    inradius = nodes.new("GeometryNodeIndexSwitch")
+    inradius.data_type = "FLOAT"
+    inradius.location = (-700, 350)
+    while len(inradius.index_switch_items) < len(ICO_INRADIUS) + 1:
+        inradius.index_switch_items.new()
+    inradius.inputs[1].default_value = ICO_INRADIUS[0]  # index 0 is not a valid detail; treat it as 1
+    for i, r in enumerate(ICO_INRADIUS):
+        inradius.inputs[i + 2].default_value = r
+    links.new(gin.outputs["Detail"], inradius.inputs["Index"])
+    radius_n = nodes.new("ShaderNodeMath")
+    radius_n.operation = "DIVIDE"
+    radius_n.location = (-500, 350)
+    links.new(gin.outputs["Extent"], radius_n.inputs[0])
+    links.new(inradius.outputs[0], radius_n.inputs[1])
+
+    ico = nodes.new("GeometryNodeMeshIcoSphere")
+    ico.location = (-350, 200)
+    links.new(radius_n.outputs[0], ico.inputs["Radius"])
+    links.new(gin.outputs["Detail"], ico.inputs["Subdivisions"])
+    ico_mat = nodes.new("GeometryNodeSetMaterial")
+    ico_mat.location = (-150, 200)
+    links.new(ico.outputs["Mesh"], ico_mat.inputs["Geometry"])
+    links.new(gin.outputs["Splat Material"], ico_mat.inputs["Material"])
+
+    # Point attributes (displayColor, opacity, ...) become instance attributes: the material reads them
+    # with Attribute nodes of type "Instancer".
+    inst = nodes.new("GeometryNodeInstanceOnPoints")
+    inst.location = (100, 0)
+    links.new(gin.outputs["Geometry"], inst.inputs["Points"])
+    links.new(visible.outputs[0], inst.inputs["Selection"])
+    links.new(ico_mat.outputs["Geometry"], inst.inputs["Instance"])
+    links.new(orient, inst.inputs["Rotation"])
+    links.new(_blurred_scales(nodes, links, gin, scales), inst.inputs["Scale"])
+
+    pts_mat = nodes.new("GeometryNodeSetMaterial")
+    pts_mat.location = (100, -300)
+    links.new(gin.outputs["Geometry"], pts_mat.inputs["Geometry"])
+    links.new(gin.outputs["Points Material"], pts_mat.inputs["Material"])
+    size = nodes.new("ShaderNodeMath")
+    size.operation = "MULTIPLY"
+    size.location = (100, -550)
+    links.new(radius, size.inputs[0])
+    links.new(gin.outputs["Point Size"], size.inputs[1])
+    set_radius = nodes.new("GeometryNodeSetPointRadius")
+    set_radius.location = (300, -300)
+    links.new(pts_mat.outputs["Geometry"], set_radius.inputs["Points"])
+    links.new(size.outputs[0], set_radius.inputs["Radius"])
+
+    switch = nodes.new("GeometryNodeSwitch")
+    switch.input_type = "GEOMETRY"
+    switch.location = (500, 0)
+    links.new(gin.outputs["Points"], switch.inputs["Switch"])
+    links.new(inst.outputs["Instances"], switch.inputs["False"])
+    links.new(set_radius.outputs["Points"], switch.inputs["True"])
+    links.new(switch.outputs["Output"], gout.inputs["Geometry"])
+
+    ng["stag4d_version"] = VERSION
+    ng.use_fake_user = True  # keep it in the .blend even if every modifier using it is removed
+    return ng
+
+
+def _blurred_scales(nodes, links, gin, scales):
+    """sqrt(scales^2 + sigma_d^2), sigma_d = sqrt(BLUR_PX2) x Pixel Angle x the point's distance to the camera."""
+    cam = nodes.new("GeometryNodeInputActiveCamera")
+    cam.location = (-900, -850)
+    info = nodes.new("GeometryNodeObjectInfo")
+    info.transform_space = "RELATIVE"  # the camera in the splat object's own (Y-up) space
+    info.location = (-700, -850)
+    links.new(cam.outputs[0], info.inputs["Object"])
+    pos = nodes.new("GeometryNodeInputPosition")
+    pos.location = (-700, -1050)
+    dist = nodes.new("ShaderNodeVectorMath")
+    dist.operation = "DISTANCE"
+    dist.location = (-500, -900)
+    links.new(pos.outputs[0], dist.inputs[0])
+    links.new(info.outputs["Location"], dist.inputs[1])
+    sig = nodes.new("ShaderNodeMath")
+    sig.operation = "MULTIPLY"
+    sig.location = (-350, -900)
+    links.new(dist.outputs["Value"], sig.inputs[0])
+    links.new(gin.outputs["Pixel Angle"], sig.inputs[1])
+    var = nodes.new("ShaderNodeMath")
+    var.operation = "MULTIPLY"
+    var.location = (-200, -900)
+    links.new(sig.outputs[0], var.inputs[0])
+    links.new(sig.outputs[0], var.inputs[1])
+    var_px = nodes.new("ShaderNodeMath")
+    var_px.operation = "MULTIPLY"
+    var_px.location = (-50, -900)
+    links.new(var.outputs[0], var_px.inputs[0])
+    var_px.inputs[1].default_value = BLUR_PX2
+    sq = nodes.new("ShaderNodeVectorMath")
+    sq.operation = "MULTIPLY"
+    sq.location = (-350, -700)
+    links.new(scales, sq.inputs[0])
+    links.new(scales, sq.inputs[1])
+    add = nodes.new("ShaderNodeVectorMath")
+    add.operation = "ADD"
+    add.location = (-150, -700)
+    links.new(sq.outputs["Vector"], add.inputs[0])
+    links.new(var_px.outputs[0], add.inputs[1])
+    root = nodes.new("ShaderNodeVectorMath")
+    root.operation = "POWER"
+    root.location = (0, -700)
+    links.new(add.outputs["Vector"], root.inputs[0])
+    root.inputs[1].default_value = (0.5, 0.5, 0.5)
+    return root.outputs["Vector"]
+
+
+def drive_pixel_angle(obj, scene, camera=None) -> None:
+    """Drive "Pixel Angle" = 2 tan(angle / 2) / N, the angle one render pixel spans, from the camera's lens and
+    the scene's resolution (N along the camera's sensor fit; AUTO: the larger side), so the blur follows lens and
+    resolution changes. The camera is bound when this is called (the scene camera by default; call again after
+    switching cameras: the panel's "Match Camera"); without a camera the backend's 49.1 degree vertical field of
+    view is assumed. Only simple expressions: they run without Python, so no auto-run permission is needed."""
+    mod = obj.modifiers[MODIFIER_NAME]
+    path = f'["{_input_id(mod.node_group, "Pixel Angle")}"]'
+    mod.driver_remove(path)
+    camera = camera or scene.camera
+    if camera is not None and camera.type != "CAMERA":
+        camera = None
+    fc = mod.driver_add(path)
+    drv = fc.driver
+    drv.type = "SCRIPTED"
+    targets = [("rx", "SCENE", scene, "render.resolution_x"), ("ry", "SCENE", scene, "render.resolution_y"),
+               ("p", "SCENE", scene, "render.resolution_percentage")]
+    if camera is not None:
+        targets += [("a", "CAMERA", camera.data, "angle"), ("f", "CAMERA", camera.data, "sensor_fit")]
+        drv.expression = "2 * tan(a / 2) / ((ry if f == 2 else (rx if f == 1 else max(rx, ry))) * p / 100)"
+    else:
+        drv.expression = f"{2.0 * math.tan(math.radians(49.1) / 2.0):.6f} / (ry * p / 100)"
+    for name, id_type, id_block, data_path in targets:
+        var = drv.variables.new()
+        var.name, var.type = name, "SINGLE_PROP"
+        var.targets[0].id_type = id_type
+        var.targets[0].id = id_block
+        var.targets[0].data_path = data_path
+    obj["stag4d_camera"] = camera.name if camera is not None else ""
+
+
+def add_splat_modifier(obj, points: bool = False) -> bpy.types.NodesModifier:
+    """Add (or refresh) the "Gaussian splats" modifier at the end of ``obj``'s stack."""
+    ng = build_node_group()
+    mod = obj.modifiers.get(MODIFIER_NAME)
+    if mod is None or mod.type != "NODES":
+        mod = obj.modifiers.new(MODIFIER_NAME, "NODES")
+    mod.node_group = ng
+    set_points_display(obj, points)
+    return mod
+
+
+def _input_id(ng, name: str) -> str:
+    for item in ng.interface.items_tree:
+        if getattr(item, "in_out", None) == "INPUT" and item.name == name:
+            return item.identifier
+    raise KeyError(name)
+
+
+def set_modifier_input(obj, name: str, value) -> None:
+    mod = obj.modifiers[MODIFIER_NAME]
+    mod[_input_id(mod.node_group, name)] = value
+    obj.update_tag()
+
+
+def get_modifier_input(obj, name: str):
+    mod = obj.modifiers[MODIFIER_NAME]
+    return mod[_input_id(mod.node_group, name)]
+
+
+def set_points_display(obj, points: bool) -> None:
+    set_modifier_input(obj, "Points", bool(points))
+
+
+__all__ = ["GROUP_NAME", "MODIFIER_NAME", "build_node_group", "build_splat_material", "build_points_material",
+           "add_splat_modifier", "set_points_display", "set_modifier_input", "get_modifier_input"]

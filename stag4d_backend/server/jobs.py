@@ -1,0 +1,427 @@
+"""The job queue: job directories under JOBS_DIR, a FIFO queue, at most N running workers per device.
+
+Who writes a job's job.json and events.jsonl: the server only while no worker runs the job (created, queued,
+cancelled while queued, interrupted, worker crashed), the worker while it runs. So the two never append events
+at the same time and the numbering stays gapless.
+
+Workers are spawned only from the scheduler thread, which lives as long as the server: PR_SET_PDEATHSIG fires
+when the *thread* that forked the child exits, so spawning from a short-lived request thread would kill the job.
+
+On start-up every job directory is looked at: a job left "running" (the server was killed) is marked
+"interrupted" and, like "queued" ones and ones interrupted by a shutdown, queued again (``auto_resume``); its
+worker resumes from the last fit checkpoint and skips finished stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..job import EVENTS_FILE, JOB_FILE, Job
+from .files import is_job_id, job_path, new_job_id
+from .worker import CANCEL_FILE, LOCK_FILE
+
+TERMINAL = ("finished", "failed", "cancelled")
+SERVER_LOCK = ".server.lock"
+TRASH_DIR = ".trash"
+UPLOAD_DIR = ".uploads"
+CANCEL_GRACE_S = 30.0     # a worker that has not stopped this long after SIGTERM is killed
+SHUTDOWN_GRACE_S = 10.0
+ORPHAN_WAIT_S = 5.0
+TICK_S = 0.05
+
+
+class JobError(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class ServerLockError(RuntimeError):
+    pass
+
+
+@dataclass
+class Running:
+    job_id: str
+    proc: subprocess.Popen
+    device: str
+    log: object
+    started: float
+    stop_sent: float | None = None
+    cancel_requested: bool = False
+    deleting: bool = False
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _is_our_worker(pid: int, job_dir: Path) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\x00")
+    except OSError:
+        return False
+    return b"stag4d_backend.server.worker" in cmd and str(job_dir).encode() in cmd
+
+
+def repair_events(job_dir: Path) -> None:
+    """Drop a partial last line (a worker killed in the middle of an append) so the next event starts a line."""
+    path = job_dir / EVENTS_FILE
+    try:
+        with open(path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
+    except OSError:
+        pass
+
+
+class JobManager:
+    def __init__(self, jobs_dir: Path, devices: list[str] | None, jobs_per_device: int = 1,
+                 auto_resume: bool = True, probe: Callable[[], tuple[list[str], str | None]] | None = None,
+                 on_note: Callable[[str], None] | None = None):
+        self.jobs_dir = Path(jobs_dir)
+        self.jobs_per_device = jobs_per_device
+        self.auto_resume = auto_resume
+        self.devices: list[str] | None = devices
+        self._probe = probe
+        self._note = on_note or (lambda msg: None)
+        self.devices_ready = threading.Event()
+        self._cond = threading.Condition(threading.RLock())
+        self._queue: list[str] = []
+        self._running: dict[str, Running] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._server_lock: int | None = None
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> list[str]:
+        """Lock the jobs dir, recover its jobs, start the scheduler; returns notes for the operator."""
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.jobs_dir / SERVER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ServerLockError(f"--jobs-dir {self.jobs_dir}: another stag4d serve is using it; stop it or use "
+                                  f"another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._server_lock = fd
+        for leftover in (TRASH_DIR, UPLOAD_DIR):
+            shutil.rmtree(self.jobs_dir / leftover, ignore_errors=True)
+        notes = self._recover()
+        self._thread = threading.Thread(target=self._loop, name="stag4d-scheduler", daemon=True)
+        self._thread.start()
+        return notes
+
+    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop the scheduler; running jobs checkpoint and end as "interrupted" (resumed on the next start).
+        Idempotent."""
+        with self._cond:
+            if self._stopping and self._server_lock is None:
+                return
+            self._stopping = True
+            for r in self._running.values():
+                self._signal(r, signal.SIGTERM)
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(grace_s)
+            if self._thread.is_alive():  # a worker ignores SIGTERM: the job is resumed from its checkpoint
+                with self._cond:
+                    for r in self._running.values():
+                        self._signal(r, signal.SIGKILL)
+                self._thread.join(10)
+        with self._cond:
+            self._reap()
+        if self._server_lock is not None:
+            os.close(self._server_lock)
+            self._server_lock = None
+
+    def _recover(self) -> list[str]:
+        notes = []
+        found = []
+        for entry in self.jobs_dir.iterdir():
+            if not is_job_id(entry.name) or not (entry / JOB_FILE).is_file():
+                continue
+            try:
+                data = Job(entry).read()
+            except (OSError, ValueError):
+                notes.append(f"{entry.name}: unreadable job.json; left alone")
+                continue
+            state = data.get("state")
+            if state not in ("running", "queued", "created", "interrupted"):
+                continue
+            if not self._wait_for_old_worker(entry, data):
+                notes.append(f"{entry.name}: another process holds {LOCK_FILE}; left alone")
+                continue
+            repair_events(entry)
+            job = Job(entry)
+            if state == "running":
+                job.update(state="interrupted")
+                job.emit("job_state", state="interrupted",
+                         message="the server stopped while this job ran; it resumes from its last checkpoint")
+                state = "interrupted"
+            if state in ("queued", "created") or self.auto_resume:
+                if state != "queued":
+                    job.update(state="queued")
+                    job.emit("job_state", state="queued", resumed=True)
+                found.append((float(data.get("created") or 0.0), entry.name))
+                notes.append(f"{entry.name}: {'resuming' if state == 'interrupted' else 'queued'}")
+        self._queue = [job_id for _, job_id in sorted(found)]
+        return notes
+
+    def _wait_for_old_worker(self, job_dir: Path, data: dict) -> bool:
+        """A worker of an earlier server may still hold the job (it dies within PARENT_POLL_S of its parent):
+        wait for it, kill it if it is still there and recognisably ours; False if the lock stays held."""
+        t0 = time.monotonic()
+        killed = False
+        while time.monotonic() - t0 < 3 * ORPHAN_WAIT_S:
+            fd = os.open(job_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+            if not killed and time.monotonic() - t0 > ORPHAN_WAIT_S:
+                pid = int(data.get("worker_pid") or 0)
+                if pid and _is_our_worker(pid, job_dir):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.1)
+        return False
+
+    # ------------------------------------------------------------------------------------------ scheduler
+
+    def _loop(self) -> None:
+        if self.devices is None:
+            devices, note = self._probe() if self._probe else (["cpu"], None)
+            if note:
+                self._note(note)
+            self.devices = devices
+        self.devices_ready.set()
+        with self._cond:
+            # On shutdown this thread stays until its workers are gone: they die with it (PDEATHSIG).
+            while not self._stopping or self._running:
+                self._reap()
+                self._escalate()
+                if not self._stopping:
+                    self._start_queued()
+                self._cond.wait(TICK_S)
+
+    def _start_queued(self) -> None:
+        if not self._queue or not self.devices:
+            return
+        for device in self.devices:
+            while sum(r.device == device for r in self._running.values()) < self.jobs_per_device:
+                # A resumed job whose previous worker is still exiting waits for it (the worker lock).
+                ready = [j for j in self._queue if j not in self._running]
+                if not ready:
+                    break
+                job_id = ready[0]
+                self._queue.remove(job_id)
+                try:
+                    self._spawn(job_id, device)
+                except OSError as exc:
+                    self._server_write(job_id, "failed", error=f"cannot start the worker: {exc}")
+
+    def _spawn(self, job_id: str, device: str) -> None:
+        job_dir = self.jobs_dir / job_id
+        Job(job_dir).update(state="running", device=device, error=None)
+        log = open(job_dir / "worker.log", "ab")
+        cmd = [sys.executable, "-m", "stag4d_backend.server.worker", str(job_dir.resolve()), "--device", device,
+               "--parent-pid", str(os.getpid())]
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_worker_env(),
+                                    start_new_session=True, close_fds=True)
+        except OSError:
+            log.close()
+            raise
+        self._running[job_id] = Running(job_id, proc, device, log, time.time())
+
+    def _reap(self) -> None:
+        for job_id, r in list(self._running.items()):
+            rc = r.proc.poll()
+            if rc is None:
+                continue
+            del self._running[job_id]
+            r.log.close()
+            if r.deleting:
+                continue
+            try:
+                state = Job(self.jobs_dir / job_id).read().get("state")
+            except (OSError, ValueError):
+                continue
+            if state in TERMINAL or state == "interrupted":
+                continue  # the worker recorded how it ended
+            if r.cancel_requested:
+                self._server_write(job_id, "cancelled", message="the worker did not stop in time and was killed")
+            elif self._stopping:
+                self._server_write(job_id, "interrupted", message="the server stopped")
+            else:
+                how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+                self._server_write(job_id, "failed", error=f"the worker process {how}; see worker.log")
+        self._cond.notify_all()
+
+    def _escalate(self) -> None:
+        now = time.monotonic()
+        for r in self._running.values():
+            if r.stop_sent is not None and now - r.stop_sent > CANCEL_GRACE_S and r.proc.poll() is None:
+                self._signal(r, signal.SIGKILL)
+
+    @staticmethod
+    def _signal(r: Running, sig: int) -> None:
+        if r.stop_sent is None or sig == signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError):
+                r.proc.send_signal(sig)
+        if r.stop_sent is None:
+            r.stop_sent = time.monotonic()
+
+    def _server_write(self, job_id: str, state: str, **fields) -> None:
+        """Record a state change while no worker runs the job: job.json, then a job_state event."""
+        job_dir = self.jobs_dir / job_id
+        repair_events(job_dir)
+        job = Job(job_dir)
+        job.update(state=state, **{k: v for k, v in fields.items() if k == "error"})
+        job.emit("job_state", state=state, **fields)
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def _dir(self, job_id: str) -> Path:
+        try:
+            path = job_path(self.jobs_dir, job_id)
+        except ValueError:
+            raise JobError(404, f"no job {job_id!r}") from None
+        if not (path / JOB_FILE).is_file():
+            raise JobError(404, f"no job {job_id}")
+        return path
+
+    def create(self, request: dict, upload_path: Path | None = None, upload_suffix: str = "") -> str:
+        while True:
+            job_id = new_job_id()
+            job_dir = self.jobs_dir / job_id
+            try:
+                job_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+        if upload_path is not None:
+            (job_dir / "input").mkdir()
+            name = f"input/source{upload_suffix}"
+            os.replace(upload_path, job_dir / name)
+            request = dict(request, input=name)
+        job = Job(job_dir).create(request)
+        with self._cond:
+            job.update(state="queued", error=None)
+            job.emit("job_state", state="queued")
+            self._queue.append(job_id)
+            self._cond.notify_all()
+        return job_id
+
+    def read(self, job_id: str) -> tuple[Path, dict, dict]:
+        """(job dir, job.json, live facts: cancel_requested, running)."""
+        path = self._dir(job_id)
+        try:
+            data = Job(path).read()
+        except (OSError, ValueError):
+            raise JobError(404, f"no job {job_id} (its job.json is unreadable)") from None
+        with self._cond:
+            r = self._running.get(job_id)
+            live = {"running": r is not None, "cancel_requested": bool(r and r.cancel_requested)
+                    or (path / CANCEL_FILE).exists() and data.get("state") == "running"}
+        return path, data, live
+
+    def list_ids(self) -> list[str]:
+        out = []
+        for entry in self.jobs_dir.iterdir():
+            if is_job_id(entry.name) and (entry / JOB_FILE).is_file():
+                out.append(entry.name)
+        return out
+
+    def cancel(self, job_id: str) -> None:
+        path = self._dir(job_id)
+        with self._cond:
+            r = self._running.get(job_id)
+            if r is not None:
+                if not r.cancel_requested:
+                    (path / CANCEL_FILE).touch()
+                    r.cancel_requested = True
+                    self._signal(r, signal.SIGTERM)
+                return
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+                self._server_write(job_id, "cancelled")
+                return
+            state = Job(path).read().get("state")
+            if state == "cancelled":
+                return
+            if state == "interrupted":
+                self._server_write(job_id, "cancelled")
+                return
+            raise JobError(409, f"job {job_id} has {state}; there is nothing to cancel")
+
+    def resume(self, job_id: str) -> None:
+        path = self._dir(job_id)
+        with self._cond:
+            state = Job(path).read().get("state")
+            if job_id in self._queue or (job_id in self._running and state not in TERMINAL + ("interrupted",)):
+                return  # already waiting or running
+            if state == "finished":
+                raise JobError(409, f"job {job_id} has finished; there is nothing to resume")
+            if self._stopping:
+                raise JobError(503, "the server is shutting down")
+            (path / CANCEL_FILE).unlink(missing_ok=True)
+            repair_events(path)
+            job = Job(path)
+            job.update(state="queued", error=None)
+            job.emit("job_state", state="queued", resumed=True)
+            self._queue.append(job_id)
+            self._cond.notify_all()
+
+    def delete(self, job_id: str) -> None:
+        path = self._dir(job_id)
+        with self._cond:
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+            r = self._running.get(job_id)
+            if r is not None:
+                r.deleting = True
+                self._signal(r, signal.SIGKILL)  # its files are about to go: no checkpoint needed
+        if r is not None:
+            r.proc.wait()
+        with self._cond:
+            trash = self.jobs_dir / TRASH_DIR
+            trash.mkdir(exist_ok=True)
+            target = trash / f"{job_id}-{new_job_id()}"
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:
+                raise JobError(404, f"no job {job_id}") from None
+        shutil.rmtree(target, ignore_errors=True)
+
+    def queue_position(self, job_id: str) -> int | None:
+        with self._cond:
+            return self._queue.index(job_id) if job_id in self._queue else None
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.jobs_dir / UPLOAD_DIR

@@ -1,0 +1,114 @@
+"""One job in its own process: ``python -m stag4d_backend.server.worker JOB_DIR --device D --parent-pid P``.
+
+A fit in a separate process cannot block the server's event loop or hold its GIL. The worker
+- dies with the server: PR_SET_PDEATHSIG(SIGKILL) on Linux, and a thread that polls ``os.getppid()`` elsewhere
+  (or if the server was gone before the prctl), so a killed server leaves no orphan writing to the job;
+- holds an exclusive ``flock`` on ``JOB_DIR/.worker.lock`` while it runs (the server checks it on start-up, and a
+  second worker on the same job refuses to start);
+- stops at the next step boundary on SIGTERM/SIGINT or when ``JOB_DIR/.cancel`` appears: the job then ends as
+  "cancelled" if the cancel file exists (a user's cancel), else as "interrupted" (the server is shutting down;
+  it resumes the job on its next start).
+Exit codes: 0 finished / cancelled / interrupted, 1 failed, 75 another worker holds the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+LOCK_FILE = ".worker.lock"
+CANCEL_FILE = ".cancel"
+EXIT_BUSY = 75
+PR_SET_PDEATHSIG = 1
+PARENT_POLL_S = 0.5
+
+
+def try_lock(job_dir: Path) -> int | None:
+    """An fd holding the job's exclusive lock, or None when another process holds it."""
+    fd = os.open(job_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def die_with_parent(parent_pid: int) -> None:
+    def _die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if parent_pid and os.getppid() != parent_pid:  # the parent died before the prctl took effect
+        _die()
+
+    def watch():
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent_pid:
+                _die()
+
+    if parent_pid:
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class StopRequest:
+    """``should_stop()`` for the fit: a signal arrived or the cancel file exists."""
+
+    def __init__(self, job_dir: Path):
+        self.cancel_file = job_dir / CANCEL_FILE
+        self.signalled = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def __call__(self) -> bool:
+        return self.signalled or self.cancel_file.exists()
+
+    def state(self) -> str:
+        return "cancelled" if self.cancel_file.exists() else "interrupted"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="stag4d-worker")
+    p.add_argument("job_dir")
+    p.add_argument("--device", default=None)
+    p.add_argument("--parent-pid", type=int, default=0)
+    args = p.parse_args(argv)
+    die_with_parent(args.parent_pid)
+    job_dir = Path(args.job_dir)
+    stop = StopRequest(job_dir)
+    lock = try_lock(job_dir)
+    if lock is None:
+        print(f"{job_dir}: another worker is running this job", file=sys.stderr)
+        return EXIT_BUSY
+    from ..job import Job
+    from ..pipeline import run_job
+
+    Job(job_dir).update(worker_pid=os.getpid(), device=args.device)
+    state = run_job(job_dir, should_stop=stop, device=args.device, stop_state=stop.state)
+    if state == "failed":  # the details for worker.log (the job and its events carry the one-line error)
+        print(Job(job_dir).read().get("traceback") or "", file=sys.stderr)
+    os.close(lock)
+    return 1 if state == "failed" else 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is on disk; skip the interpreter's (torch's) slow teardown
