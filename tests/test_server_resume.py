@@ -15,7 +15,7 @@ import torch
 from stag4d_backend.job import Job
 from test_server_support import REPO, TINY, Server, assert_same_deformation, pid_alive, wait_event, wait_job
 
-REQUEST = {"kind": "example", "options": dict(TINY, iters=60, checkpoint_every=10)}
+REQUEST = {"kind": "example", "options": dict(TINY, iters=300, checkpoint_every=10)}  # room for the stops on a fast machine
 
 
 def _worker_pid(job_dir) -> int:
@@ -57,7 +57,7 @@ def test_kill9_then_sigterm_mid_fit_resume_and_equal_an_uninterrupted_run(tmp_pa
     assert Job(job_dir).read()["state"] == "running"  # nobody recorded an end
     shown = max(e["step"] for e in Job(job_dir).events() if e["kind"] == "progress" and e["stage"] == "fit")
     checkpoint = torch.load(job_dir / "model" / "state.pt", weights_only=False)["it"]
-    assert checkpoint % 10 == 0 and 0 <= shown - checkpoint <= 10  # at most one checkpoint interval is lost
+    assert checkpoint % 10 == 0 and abs(shown - checkpoint) <= 10  # at most one interval lost (events may lag the checkpoint)
 
     second = Server(tmp_path / "2", jobs_dir=jobs, token_file=token).start()
     try:
@@ -89,7 +89,7 @@ def test_kill9_then_sigterm_mid_fit_resume_and_equal_an_uninterrupted_run(tmp_pa
     assert states == ["queued", "running", "interrupted", "queued", "running", "interrupted", "queued", "running",
                       "finished"]
     fits = [e["result"] for e in events if e["kind"] == "stage_finished" and e["stage"] == "fit"]
-    assert fits[-1]["resumed_from"] == second_checkpoint and fits[-1]["iterations"] == 60
+    assert fits[-1]["resumed_from"] == second_checkpoint and fits[-1]["iterations"] == 300
     stopped = [e for e in events if e["kind"] == "stage_stopped"]
     assert [(e["stage"], e["state"], e["step"]) for e in stopped] == [("fit", "interrupted", second_checkpoint)]
 
