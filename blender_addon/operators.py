@@ -305,6 +305,21 @@ def _export_target(context, key: str):
     return item.collection
 
 
+def _run_export(op, context, write) -> set:
+    """The export operators' body: ``write(collection, filepath, scene)`` for the job named by ``op.key``."""
+    coll = _export_target(context, op.key)
+    if coll is None:
+        op.report({"ERROR"}, "Import the job first")
+        return {"CANCELLED"}
+    try:
+        path = write(coll, op.filepath, context.scene)
+    except export.ExportError as exc:
+        op.report({"ERROR"}, str(exc))
+        return {"CANCELLED"}
+    op.report({"INFO"}, f"Wrote {path}")
+    return {"FINISHED"}
+
+
 class STAG4D_OT_export_usd(bpy.types.Operator, ExportHelper):
     """Export the job's collection (animated Gaussians with their attributes, and the mesh) as USD"""
 
@@ -315,17 +330,7 @@ class STAG4D_OT_export_usd(bpy.types.Operator, ExportHelper):
     key: StringProperty(options={"SKIP_SAVE", "HIDDEN"})
 
     def execute(self, context):
-        coll = _export_target(context, self.key)
-        if coll is None:
-            self.report({"ERROR"}, "Import the job first")
-            return {"CANCELLED"}
-        try:
-            path = export.export_usd(coll, self.filepath, context.scene)
-        except export.ExportError as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
-        self.report({"INFO"}, f"Wrote {path}")
-        return {"FINISHED"}
+        return _run_export(self, context, export.export_usd)
 
 
 class STAG4D_OT_export_alembic(bpy.types.Operator, ExportHelper):
@@ -338,17 +343,7 @@ class STAG4D_OT_export_alembic(bpy.types.Operator, ExportHelper):
     key: StringProperty(options={"SKIP_SAVE", "HIDDEN"})
 
     def execute(self, context):
-        coll = _export_target(context, self.key)
-        if coll is None:
-            self.report({"ERROR"}, "Import the job first")
-            return {"CANCELLED"}
-        try:
-            path = export.export_alembic(coll, self.filepath, context.scene)
-        except export.ExportError as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
-        self.report({"INFO"}, f"Wrote {path}")
-        return {"FINISHED"}
+        return _run_export(self, context, export.export_alembic)
 
 
 classes = (STAG4D_OT_generate, STAG4D_OT_cancel, STAG4D_OT_resume, STAG4D_OT_import_job, STAG4D_OT_match_camera,

@@ -108,32 +108,16 @@ def _parse_frames(text: str | None) -> list[int] | None:
     return frames
 
 
-def _default_preset(device: str | None) -> str:
-    """`standard` where a CUDA device will run the fit, `preview` (minutes on a CPU) elsewhere."""
-    if device and device.startswith("cpu"):
-        return "preview"
-    import torch
-
-    return "standard" if torch.cuda.is_available() else "preview"
-
-
 def _fit(args) -> int:
-    import dataclasses
-
-    from .config import get_preset
+    from .config import config_from_options
     from .dataset import DataError
     from .stages.fit import FitError, fit
     from .progress import FitProgressBar
 
     try:
-        cfg = get_preset(args.preset or _default_preset(args.device))
-        if args.iters:
-            cfg = cfg.with_iters(args.iters)
-        if args.resolution:
-            cfg = cfg.with_resolution(args.resolution)
-        overrides = {k: v for k, v in (("device", args.device), ("seed", args.seed), ("guidance", args.guidance),
-                                       ("num_threads", args.threads)) if v}
-        cfg = dataclasses.replace(cfg, **overrides)
+        cfg = config_from_options({"preset": args.preset, "iters": args.iters, "resolution": args.resolution,
+                                   "device": args.device, "seed": args.seed, "guidance": args.guidance,
+                                   "num_threads": args.threads})
         frames = _parse_frames(args.frames)
     except ValueError as exc:
         print(f"stag4d fit: {exc}", file=sys.stderr)
@@ -238,12 +222,12 @@ def _generate_from_input(args) -> int:
                                device=args.device, guidance=args.guidance, formats=formats, fusion=args.fusion,
                                anchor_steps=args.anchor_steps, matting=args.matting,
                                video_frames=args.video_frames)
+        stages = generative_stages(request)  # checks the options before anything is written
         job = Job(args.output)
         if (job.path / "job.json").is_file() and job.read().get("request") != request:
             raise RequestError(f"{job.path} holds another job; choose a new folder (or delete it to start over)")
         job.create(request)
-        stages = generative_stages(request)
-    except RequestError as exc:
+    except (RequestError, ValueError) as exc:  # ValueError: e.g. an unknown --preset
         print(f"stag4d generate: {exc}", file=sys.stderr)
         return EXIT_USAGE
     bars = StageProgressBars()

@@ -148,3 +148,27 @@ def get_preset(name: str) -> FitConfig:
         return PRESETS[name]()
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def default_preset(device: str | None = None) -> str:
+    """`standard` where a CUDA device will run the fit, `preview` (minutes on a CPU) elsewhere."""
+    if device and str(device).startswith("cpu"):
+        return "preview"
+    import torch
+
+    return "standard" if torch.cuda.is_available() else "preview"
+
+
+# Request options (CLI flags, job options) that override a preset's field of the same name.
+OPTION_OVERRIDES = ("device", "seed", "guidance", "checkpoint_every", "num_threads")
+
+
+def config_from_options(options: dict, default: str | None = None) -> FitConfig:
+    """The preset named in ``options`` (else ``default``, else the device's default) with --iters and
+    --resolution applied (schedules rescaled) and the OPTION_OVERRIDES that are set."""
+    cfg = get_preset(options.get("preset") or default or default_preset(options.get("device")))
+    if options.get("iters"):
+        cfg = cfg.with_iters(int(options["iters"]))
+    if options.get("resolution"):
+        cfg = cfg.with_resolution(int(options["resolution"]))
+    return dataclasses.replace(cfg, **{k: options[k] for k in OPTION_OVERRIDES if options.get(k) is not None})

@@ -11,19 +11,16 @@ resumes it. A stage that needs weights which are not installed stops the job wit
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from .config import FitConfig, get_preset
+from .config import FitConfig, config_from_options
 from .job import Job
-from .pipeline import Stage
+from .media import sniff_file
+from .pipeline import EXAMPLE_BAKE_FORMATS as DEFAULT_BAKE_FORMATS
+from .pipeline import JobCancelled, Stage, bake_stage, fit_stage
 
 GENERATIVE_KINDS = ("video", "image", "folder", "prompt")
-DEFAULT_BAKE_FORMATS = ("usd", "ply", "mesh", "preview", "cameras")
-
-_VIDEO_MAGIC = (b"\x1aE\xdf\xa3",)            # Matroska / WebM (EBML)
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
 class RequestError(ValueError):
@@ -37,12 +34,9 @@ def sniff_input(path: str | Path) -> str:
         return "folder"
     if not path.is_file():
         raise RequestError(f"{path}: no such file or folder")
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    if head[4:8] == b"ftyp" or head.startswith(_VIDEO_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"AVI "):
-        return "video"
-    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return "image"
+    found = sniff_file(path)
+    if found is not None:
+        return found[0]
     raise RequestError(f"{path}: not a video (mp4, mov, webm, avi) or an image (png, jpeg, webp, gif, bmp, tiff)")
 
 
@@ -57,21 +51,6 @@ def make_request(input_path: str | Path | None = None, prompt: str | None = None
         return {"kind": "prompt", "prompt": prompt, "options": options}
     path = Path(input_path).expanduser().resolve()
     return {"kind": sniff_input(path), "input": str(path), "options": options}
-
-
-def fit_config(options: dict) -> FitConfig:
-    """The preset (default: standard on CUDA, preview on a CPU) with the request's overrides."""
-    import torch
-
-    device = options.get("device")
-    default = "standard" if (torch.cuda.is_available() and not str(device or "").startswith("cpu")) else "preview"
-    cfg = get_preset(options.get("preset") or default)
-    if options.get("iters"):
-        cfg = cfg.with_iters(int(options["iters"]))
-    if options.get("resolution"):
-        cfg = cfg.with_resolution(int(options["resolution"]))
-    overrides = {k: options[k] for k in ("device", "seed", "guidance") if options.get(k) is not None}
-    return dataclasses.replace(cfg, **overrides)
 
 
 def _input_of(job: Job, request: dict) -> Path:
@@ -140,53 +119,27 @@ def load_sds_if_present(cfg: FitConfig, options: dict):
         return None
 
 
-def _fit_stage(request: dict, should_stop, on_snapshot, snapshot_every: int) -> Stage:
-    from .fitted import META
-
-    def run(job: Job, progress) -> dict:
-        from .stages.fit import fit
-
-        options = request.get("options", {})
-        cfg = fit_config(options)
-        sds = load_sds_if_present(cfg, options)
-        out = fit(job.frames_dir, job.model_dir, cfg, sds=sds, guidance_explicit=bool(options.get("guidance")),
-                  progress=lambda s: progress("fit", s), should_stop=should_stop,
-                  snapshot_every=snapshot_every, on_snapshot=on_snapshot)
-        if out.status == "cancelled":
-            raise Cancelled(f"cancelled at fit step {out.iterations}")
-        return {"iterations": out.iterations, "num_gaussians": out.num_gaussians, "notes": list(out.notes)}
-
-    return Stage("fit", lambda job: (job.model_dir / META).is_file(), run)
-
-
-def _bake_stage(request: dict) -> Stage:
-    def run(job: Job, progress) -> dict:
-        from .stages.bake import bake
-
-        opts = request.get("options", {})
-        formats = opts.get("formats") or DEFAULT_BAKE_FORMATS
-        res = bake(job.model_dir, job.bake_dir, formats=formats, fps=opts.get("fps"),
-                   progress=lambda s: progress("bake", s))
-        return {"files": [str(p.relative_to(job.path)) for p in res.paths]}
-
-    return Stage("bake", lambda job: (job.bake_dir / "bake.json").is_file(), run)
-
-
-class Cancelled(RuntimeError):
+class Cancelled(JobCancelled):
     """The job was cancelled at a step boundary; its directory is consistent and resumable."""
 
 
 def generative_stages(request: dict, should_stop: Callable[[], bool] | None = None,
-                      on_snapshot=None, snapshot_every: int = 0) -> list[Stage]:
+                      on_snapshot=None, snapshot_every: int = 0, cfg: FitConfig | None = None) -> list[Stage]:
+    """The stages of ``request``; ``cfg`` is the fit configuration when the caller has built it already."""
     kind = request.get("kind")
     if kind not in GENERATIVE_KINDS:
         raise RequestError(f"unknown request kind {kind!r}; expected one of {', '.join(GENERATIVE_KINDS)}")
+    options = request.get("options", {})
+    cfg = cfg or config_from_options(options)
     generated = kind in ("image", "prompt")
+    fit_kwargs = {"guidance_explicit": bool(options.get("guidance")), "snapshot_every": snapshot_every,
+                  "on_snapshot": on_snapshot}
     stages = [_video_stage(request, should_stop)] if generated else []
     stages += [_preprocess_stage(request, should_stop, generated), _anchors_stage(request, should_stop),
-               _fit_stage(request, should_stop, on_snapshot, snapshot_every), _bake_stage(request)]
+               fit_stage(cfg, should_stop, fit_kwargs, lambda: {"sds": load_sds_if_present(cfg, options)}),
+               bake_stage(options.get("formats") or DEFAULT_BAKE_FORMATS, options.get("fps"))]
     return stages
 
 
-__all__ = ["generative_stages", "make_request", "sniff_input", "fit_config", "RequestError", "Cancelled",
+__all__ = ["generative_stages", "make_request", "sniff_input", "RequestError", "Cancelled",
            "GENERATIVE_KINDS"]

@@ -74,8 +74,9 @@ def _example_frames_stage(frames: int, size: int, gaussians: int) -> Stage:
     return Stage("example", done, run)
 
 
-def _fit_stage(cfg: FitConfig, should_stop: Callable[[], bool] | None = None, fit_kwargs: dict | None = None
-               ) -> Stage:
+def fit_stage(cfg: FitConfig, should_stop: Callable[[], bool] | None = None, fit_kwargs: dict | None = None,
+               lazy_kwargs: Callable[[], dict] | None = None) -> Stage:
+    """``lazy_kwargs()`` adds fit arguments made only when the fit runs (loading the SDS weights, say)."""
     from .fitted import META
 
     def done(job: Job) -> bool:
@@ -84,8 +85,9 @@ def _fit_stage(cfg: FitConfig, should_stop: Callable[[], bool] | None = None, fi
     def run(job: Job, progress: StageProgress) -> dict:
         from .stages.fit import fit
 
+        kwargs = dict(fit_kwargs or {}, **(lazy_kwargs() if lazy_kwargs else {}))
         out = fit(job.frames_dir, job.model_dir, cfg, progress=lambda s: progress("fit", s),
-                  should_stop=should_stop, **(fit_kwargs or {}))
+                  should_stop=should_stop, **kwargs)
         if out.status == "cancelled":
             raise JobCancelled(f"stopped at fit step {out.iterations}", step=out.iterations)
         return {"iterations": out.iterations, "num_gaussians": out.num_gaussians, "notes": list(out.notes),
@@ -94,14 +96,14 @@ def _fit_stage(cfg: FitConfig, should_stop: Callable[[], bool] | None = None, fi
     return Stage("fit", done, run)
 
 
-def _bake_stage(formats) -> Stage:
+def bake_stage(formats, fps: float | None = None) -> Stage:
     def done(job: Job) -> bool:
         return (job.bake_dir / "bake.json").is_file()
 
     def run(job: Job, progress: StageProgress) -> dict:
         from .stages.bake import bake
 
-        res = bake(job.model_dir, job.bake_dir, formats=formats, progress=lambda s: progress("bake", s))
+        res = bake(job.model_dir, job.bake_dir, formats=formats, fps=fps, progress=lambda s: progress("bake", s))
         return {"files": [p.relative_to(job.path).as_posix() if p.is_relative_to(job.path) else str(p)
                           for p in res.paths]}
 
@@ -112,8 +114,8 @@ def example_stages(cfg: FitConfig | None = None, frames: int = EXAMPLE_FRAMES, s
                    gaussians: int = EXAMPLE_GAUSSIANS, formats=EXAMPLE_BAKE_FORMATS,
                    should_stop: Callable[[], bool] | None = None, fit_kwargs: dict | None = None) -> list[Stage]:
     cfg = cfg or get_preset("preview")
-    return [_example_frames_stage(frames, size, gaussians), _fit_stage(cfg, should_stop, fit_kwargs),
-            _bake_stage(formats)]
+    return [_example_frames_stage(frames, size, gaussians), fit_stage(cfg, should_stop, fit_kwargs),
+            bake_stage(formats)]
 
 
 def _is_stop(exc: BaseException, should_stop: Callable[[], bool] | None) -> bool:
@@ -241,20 +243,6 @@ class _ProgressEvents:
             self.job.update(stage=stage, progress=ev)
 
 
-def _example_config(options: dict, device: str | None) -> FitConfig:
-    import dataclasses
-
-    cfg = get_preset(options.get("preset") or "preview")
-    if options.get("iters"):
-        cfg = cfg.with_iters(int(options["iters"]))
-    if options.get("resolution"):
-        cfg = cfg.with_resolution(int(options["resolution"]))
-    overrides = {k: options[k] for k in ("seed", "checkpoint_every") if options.get(k) is not None}
-    if device:
-        overrides["device"] = device
-    return dataclasses.replace(cfg, **overrides)
-
-
 def _job_stages(job: Job, request: dict, should_stop, device: str | None) -> tuple[list[Stage], FitConfig | None]:
     from .stages.preview import PreviewHook
 
@@ -264,23 +252,27 @@ def _job_stages(job: Job, request: dict, should_stop, device: str | None) -> tup
     if kind == "example":
         from .stages.bake import parse_formats
 
-        cfg = _example_config(options, device)
+        from .config import config_from_options
+
+        cfg = config_from_options(dict(options, device=device), default="preview")
         frames = int(options.get("example_frames") or EXAMPLE_FRAMES)
         return example_stages(cfg, frames, int(options.get("example_size") or EXAMPLE_SIZE),
                               int(options.get("example_gaussians") or EXAMPLE_GAUSSIANS),
                               parse_formats(options.get("formats") or EXAMPLE_BAKE_FORMATS), should_stop,
                               preview.fit_kwargs(cfg, frames)), cfg
     try:
-        from .generate import fit_config, generative_stages
+        from .generate import generative_stages
     except ImportError as exc:
         raise RuntimeError(f"jobs of kind {kind!r} need the generative stages (stag4d_backend.generate), which "
                            f"this installation lacks ({exc}); only kind 'example' runs here") from None
     if device:
         options["device"] = device
         request = dict(request, options=options)
-    cfg = fit_config(options)
-    kwargs = preview.fit_kwargs(cfg)  # coarse_iters from the same config the generative fit stage builds
-    return generative_stages(request, should_stop, kwargs["on_snapshot"], kwargs["snapshot_every"]), cfg
+    from .config import config_from_options
+
+    cfg = config_from_options(options)
+    kwargs = preview.fit_kwargs(cfg)  # coarse_iters from the same config the generative fit stage uses
+    return generative_stages(request, should_stop, kwargs["on_snapshot"], kwargs["snapshot_every"], cfg=cfg), cfg
 
 
 def run_job(job_dir: str | Path, should_stop: Callable[[], bool] | None = None, *, device: str | None = None,

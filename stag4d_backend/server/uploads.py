@@ -13,9 +13,11 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
+from .. import media
+from ..media import SNIFF_BYTES
+
 MAX_FIELD_BYTES = 64 * 1024   # the options field (JSON)
 FLUSH_BYTES = 4 * 1024 * 1024
-SNIFF_BYTES = 16
 
 
 class UploadError(Exception):
@@ -25,29 +27,16 @@ class UploadError(Exception):
         self.detail = detail
 
 
-# (kind, media type, suffix) from the first bytes.
-def sniff(head: bytes) -> tuple[str, str, str] | None:
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image", "image/png", ".png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image", "image/jpeg", ".jpg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image", "image/webp", ".webp"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image", "image/gif", ".gif"
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand == b"qt  ":
-            return "video", "video/quicktime", ".mov"
-        return "video", "video/mp4", ".mp4"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return "video", "video/webm", ".webm"  # WebM / Matroska (EBML)
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        return "video", "video/x-msvideo", ".avi"
-    return None
-
-
+# The server takes the common web formats only (the CLI also reads BMP and TIFF from local disk).
+UPLOAD_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/gif", "video/quicktime",
+                                "video/mp4", "video/webm", "video/x-msvideo"})
 ACCEPTED = "PNG, JPEG, WebP or GIF images; MP4, MOV, WebM/MKV or AVI videos"
+
+
+def sniff(head: bytes) -> tuple[str, str, str] | None:
+    """(kind, media type, suffix) of an uploadable file from its first bytes, or None."""
+    found = media.sniff(head)
+    return found if found is not None and found[1] in UPLOAD_MEDIA_TYPES else None
 
 
 def sniff_file(path: Path) -> tuple[str, str, str] | None:

@@ -536,10 +536,10 @@ def _read_image(path: Path, sel: Selection, options: dict, progress: ProgressFn)
 def _is_video_file(path: Path) -> bool:
     if path.suffix.lower() in VIDEO_EXTS:
         return True
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    return head[4:8] == b"ftyp" or head.startswith(b"\x1aE\xdf\xa3") or (head[:4] == b"RIFF"
-                                                                           and head[8:12] == b"AVI ")
+    from ..media import sniff_file
+
+    found = sniff_file(path)
+    return found is not None and found[0] == "video"
 
 
 def read_clip(path: str | Path, sel: Selection, options: dict | None = None,
