@@ -58,6 +58,18 @@ def covariance_3d(quats: Tensor, scales: Tensor) -> Tensor:
     return m @ m.transpose(-1, -2)
 
 
+def unrounded_radii(opacities: Tensor, cov_xx: Tensor, cov_yy: Tensor) -> Tensor:
+    """[N, 2] ``extend * sqrt(cov2d_xx | yy)`` before ``ceil``: the radii's one formula.
+
+    The radii are ``ceil`` of this. Backends compute ``cov2d`` and ``log`` with different (equally correct)
+    float rounding, so where this value lies within a few ulps of an integer, two backends may return radii
+    that differ by one, and a Gaussian whose box then just touches the image border may be drawn by one and
+    culled by the other. Such a Gaussian's alpha is below 1/255 outside its smaller box, so rendered values
+    agree either way (docs/rasterizer.md, "Radii")."""
+    extend = torch.sqrt(2.0 * torch.log(opacities.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp_max(3.33)
+    return torch.stack([extend * torch.sqrt(cov_xx.clamp_min(0)), extend * torch.sqrt(cov_yy.clamp_min(0))], -1)
+
+
 def project_gaussians(
     means: Tensor,
     quats: Tensor,
@@ -115,9 +127,7 @@ def project_gaussians(
         valid = valid & (det > 0)
         op = opacities.detach()
         valid = valid & (op >= ALPHA_THRESHOLD)
-        extend = torch.sqrt(2.0 * torch.log(op.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp_max(3.33)
-        rx = torch.ceil(extend * torch.sqrt(c_xx.detach().clamp_min(0)))
-        ry = torch.ceil(extend * torch.sqrt(c_yy.detach().clamp_min(0)))
+        rx, ry = torch.ceil(unrounded_radii(op, c_xx.detach(), c_yy.detach())).unbind(-1)
         # radius_clip = 0: gsplat culls when both radii are <= 0
         valid = valid & ~((rx <= 0) & (ry <= 0))
         mx, my = mean2d.detach().unbind(-1)
