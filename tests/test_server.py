@@ -251,7 +251,9 @@ def test_openapi_document_is_committed(client):
                     reason="schemathesis is not installed")
 def test_schemathesis_finds_no_server_error_and_no_ignored_auth(server, tmp_path):
     """Generated valid and invalid requests for every operation (coverage phase: boundary and negative values
-    of every parameter; fuzzing phase: random ones), bounded in time."""
+    of every parameter; fuzzing phase: random ones). Reproducible: deterministic generation (no seed, no
+    example database), one worker, a fixed number of examples and no time budget, so the same commit always
+    sends the same requests and gets the same verdict; the subprocess timeout is only a safety net."""
     # 415 (a binary that is no video) and 422 (cross-field rules such as end > start) are answers to
     # schema-valid requests that the schema cannot express.
     # The event stream is read with format=json and no long-poll wait: an SSE stream or a 30 s wait on a queued
@@ -263,12 +265,48 @@ def test_schemathesis_finds_no_server_error_and_no_ignored_auth(server, tmp_path
         'parameters = { format = "json", wait = 0 }\n')
     exe = str(Path(sys.executable).parent / "schemathesis")
     cmd = [exe, "run", f"{server.url}/v1/openapi.json", "-H", f"Authorization: Bearer {server.token}",
-           "--checks", "all", "--phases", "coverage,fuzzing", "-n", "10", "--seed", "4", "--max-time", "25",
-           "--request-timeout", "35", "--no-shrink", "--workers", "2"]
-    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+           "--checks", "all", "--phases", "coverage,fuzzing", "-n", "30", "--generation-deterministic",
+           "--request-timeout", "35", "--no-shrink", "--workers", "1"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     tail = res.stdout[-6000:]
     assert res.returncode == 0, tail
     assert "5xx" not in tail and "Server error" not in tail
+    assert " passed, " in tail and "No issues found" in tail  # it did send requests
+
+
+def test_documented_file_name_pattern_is_what_the_server_accepts():
+    """docs/openapi.json's pattern for file names against resolve_download's own checks, on names built from
+    the characters that matter ('.', '/', '\\', NUL, letters, non-ASCII): accepted by the pattern exactly when
+    the server does not answer 400."""
+    import re
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from stag4d_backend.server.files import FILE_NAME_PATTERN, MAX_NAME, BadName, resolve_download
+
+    doc = json.loads((REPO / "docs" / "openapi.json").read_text())
+    param = next(p for p in doc["paths"]["/v1/jobs/{job_id}/files/{name}"]["get"]["parameters"]
+                 if p["name"] == "name")
+    assert param["schema"]["pattern"] == FILE_NAME_PATTERN and param["schema"]["maxLength"] == MAX_NAME
+    root = Path(__file__).resolve().parent  # any folder: only BadName (400) matters here
+
+    def server_accepts(name):
+        try:
+            resolve_download(root, name)
+        except BadName:
+            return False
+        except OSError:  # 404: a valid name that is not there
+            pass
+        return True
+
+    @settings(max_examples=400, derandomize=True, database=None, deadline=None)
+    @given(st.text(alphabet=st.sampled_from(["a", ".", "/", "\\", "\x00", "é", "😀"]), max_size=8))
+    def check(name):
+        assert (re.fullmatch(FILE_NAME_PATTERN, name) is not None) == server_accepts(name), repr(name)
+
+    check()
+    assert not server_accepts("a" * (MAX_NAME + 1)) and server_accepts("a" * MAX_NAME)
 
 
 def test_serve_help_lists_every_flag_and_bad_values_fail_in_one_line(tmp_path):

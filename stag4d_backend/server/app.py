@@ -30,7 +30,7 @@ from .. import __version__
 from .auth import token_matches
 from .downloads import SnapshotResponse, open_snapshot
 from .events import EventHub
-from .files import JOB_ID_PATTERN, BadName, list_files, media_type, resolve_download
+from .files import FILE_NAME_PATTERN, JOB_ID_PATTERN, MAX_NAME, BadName, list_files, media_type, resolve_download
 from .jobs import JobError, JobManager
 from .schemas import (BAKE_FORMATS, JOB_CREATE, PRESETS, STATES, ErrorOut, EventPage, FileList, Health, Info,
                       JobList, JobOptions, JobOut, PathJob)
@@ -89,6 +89,10 @@ def _responses(*codes: int) -> dict:
 
 
 JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, description="j + 12 lowercase hex digits")]
+# Documented, not enforced by FastAPI: resolve_download checks it and answers 400 with its own message
+# (tests/test_server_support.py holds the two equal).
+FileName = Annotated[str, PathParam(description="a relative, '/'-separated name from the file list",
+                                    json_schema_extra={"pattern": FILE_NAME_PATTERN, "maxLength": MAX_NAME})]
 
 CREATE_BODY = {
     "required": True,
@@ -264,10 +268,12 @@ def create_app(settings: Settings, manager: JobManager | None = None, on_shutdow
                 kind, mtype = sniffed[0], sniffed[1]
             else:
                 raise HTTPException(404, f"{p}: no such file or folder on the server")
-        except OSError as exc:
-            raise HTTPException(400, f"{p}: cannot read it ({exc.strerror})") from None
-        except ValueError:  # e.g. characters the file system encoding cannot represent
-            raise HTTPException(400, f"path {req.path!r}: not a valid file name here") from None
+        except PermissionError as exc:
+            raise HTTPException(403, f"{p}: the server may not read it ({exc.strerror})") from None
+        except OSError as exc:  # a name too long, a file in place of a folder, a loop: nothing to read there
+            raise HTTPException(404, f"{p}: no such file or folder on the server ({exc.strerror})") from None
+        except ValueError:  # characters the file system encoding cannot represent: no such file either
+            raise HTTPException(404, f"path {req.path!r}: no such file or folder on the server") from None
         return {"kind": kind, "input": str(p.resolve()), "source": "path", "media_type": mtype,
                 "options": req.options.model_dump(exclude_none=True)}
 
@@ -429,7 +435,7 @@ def create_app(settings: Settings, manager: JobManager | None = None, on_shutdow
         200: {"description": "the file's bytes (Range requests supported)",
               "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
         **_responses(400, 404, 422)})
-    async def job_file(request: Request, job_id: JobId, name: str):
+    async def job_file(request: Request, job_id: JobId, name: FileName):
         """One file of the job, by its relative name; nothing outside the job directory."""
         path, _, _ = await run_in_threadpool(manager.read, job_id)
 

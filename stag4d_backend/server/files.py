@@ -11,6 +11,10 @@ from pathlib import Path
 JOB_ID_RE = re.compile(r"^j[0-9a-f]{12}$")
 JOB_ID_PATTERN = JOB_ID_RE.pattern
 MAX_NAME = 1024
+# What resolve_download accepts as a name, for the OpenAPI document: '/'-separated components, none empty, '.'
+# or '..', no NUL or backslash (components starting with '.' pass the pattern; they are internal, so 404).
+_PART = r"(?:[^/\x00\\.][^/\x00\\]*|\.[^/\x00\\.][^/\x00\\]*|\.\.[^/\x00\\]+)"
+FILE_NAME_PATTERN = rf"^{_PART}(?:/{_PART})*$"
 
 
 class BadName(ValueError):

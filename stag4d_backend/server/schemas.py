@@ -23,9 +23,10 @@ _FORMATS_RE = r"^ *(usd|ply|mesh|preview|cameras|all) *(, *(usd|ply|mesh|preview
 
 
 class JobOptions(BaseModel):
-    """Options of a job; all optional. Unknown keys are refused (422) so that a typo is not silently ignored."""
+    """Options of a job; all optional. Unknown keys are refused (422) so that a typo is not silently ignored, and
+    types are strict: ``true`` is no number and ``"10"`` no integer (JSON numbers only)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     preset: Literal["paper", "standard", "preview", "tiny"] | None = Field(
         None, description="fit preset (default: standard on a CUDA device, preview on a CPU; example: preview)")
@@ -93,7 +94,7 @@ class JobOptions(BaseModel):
 
 # An absolute path of the server's OS, no NUL.
 _ABS_PATH = r"^[A-Za-z]:[\\/][^\x00]*$" if os.name == "nt" else r"^/[^\x00]*$"
-_TEXT = r"^[^\x00]*\S[^\x00]*$"  # not blank, no NUL
+_TEXT = r"^[^\x00]*[^\x00\s][^\x00]*$"  # not blank, no NUL (\S alone would match a NUL)
 
 
 class ExampleJob(BaseModel):
