@@ -6,18 +6,22 @@
 #   bash install_scripts/install.sh --cpu      # force the CPU build
 #   bash install_scripts/install.sh --cuda     # force a CUDA build (+ gsplat)
 #   bash install_scripts/install.sh --no-test  # skip pytest and bpy (runtime only)
+#   bash install_scripts/install.sh --matting  # also BiRefNet's packages + the torchvision built for this torch
 set -euo pipefail
 
 TORCH_VERSION="2.13.0"
+TORCHVISION_VERSION="0.28.0"   # the torchvision release built against torch $TORCH_VERSION
 PYTHON="${PYTHON:-python3}"
 MODE="auto"
 WITH_TEST=1
+WITH_MATTING=0
 for arg in "$@"; do
   case "$arg" in
     --cpu) MODE="cpu" ;;
     --cuda) MODE="cuda" ;;
     --no-test) WITH_TEST=0 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    --matting) WITH_MATTING=1 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -66,6 +70,33 @@ EXTRAS=""
 [ "$WITH_TEST" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}test"
 step "installing the backend (editable)${EXTRAS:+ with extras [$EXTRAS]}"
 "${PIP[@]}" -e "$ROOT${EXTRAS:+[$EXTRAS]}" || fail "pip could not install the backend; see the error above"
+
+if [ "$WITH_MATTING" = 1 ]; then
+  # BiRefNet's own code imports torchvision, which must be built for this very torch: PyPI's wheel pairs with the
+  # CUDA build (beside the CPU build its import fails: "operator torchvision::nms does not exist"), and a plain
+  # "torchvision" or timm's own requirement would pull a newer torch. So: the matching build first, from
+  # PyTorch's CPU index for a CPU torch, then the extra with torch and torchvision pinned.
+  step "installing torchvision $TORCHVISION_VERSION for torch $TORCH_VERSION ($MODE) and the [matting] extra"
+  have_tv() { "$PY" -c "import torch, torchvision.ops as o; o.nms(torch.zeros(1, 4), torch.zeros(1), 0.5); \
+import sys; sys.exit(0 if torchvision.__version__.split('+')[0] == '$TORCHVISION_VERSION' else 1)" 2>/dev/null; }
+  if ! have_tv; then
+    if [ "$MODE" = "cpu" ]; then
+      "${PIP[@]}" --no-deps --force-reinstall "torchvision==$TORCHVISION_VERSION" \
+        --index-url https://download.pytorch.org/whl/cpu || true
+    else
+      "${PIP[@]}" --no-deps --force-reinstall "torchvision==$TORCHVISION_VERSION" || true
+    fi
+  fi
+  if ! have_tv; then
+    "$PY" -m pip uninstall -y -q torchvision >/dev/null 2>&1 || true   # a broken torchvision breaks transformers
+    fail "no working torchvision $TORCHVISION_VERSION for torch $TORCH_VERSION ($MODE) could be installed (the CPU \
+build comes from https://download.pytorch.org/whl/cpu, which this machine cannot reach?); everything else is \
+installed. Matting stays unavailable: give RGBA input, or --matting color-key / white-key"
+  fi
+  PINS="$(mktemp)"; printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" >"$PINS"
+  "${PIP[@]}" -c "$PINS" -e "$ROOT[matting]" || fail "could not install the [matting] extra; see the error above"
+  rm -f "$PINS"
+fi
 
 step "compiling the CPU compositing kernel (cached; the PyTorch compositor is used if this fails)"
 "$PY" -m stag4d_backend.render.composite_cpp --build || true

@@ -199,6 +199,17 @@ def _bake(args) -> int:
     return 0
 
 
+def _print_summary(summary: dict) -> None:
+    """One line per stage: done (and how long) or skipped, plus the stage's note (e.g. how it matted)."""
+    for stage, result in summary.items():
+        if not isinstance(result, dict):
+            print(f"  {stage}: {result}")
+            continue
+        took = f" ({result['elapsed_s']:.0f} s)" if "elapsed_s" in result else ""
+        note = f"; {result['note']}" if result.get("note") else ""
+        print(f"  {stage}: done{took}{note}")
+
+
 def _generate_from_input(args) -> int:
     """`stag4d generate INPUT|--prompt TEXT -o JOB_DIR`: every stage it can, then stops at missing weights."""
     from pathlib import Path
@@ -245,9 +256,7 @@ def _generate_from_input(args) -> int:
         return EXIT_USAGE
     finally:
         bars.close()
-    for stage, result in summary.items():
-        took = f" ({result['elapsed_s']:.0f} s)" if isinstance(result, dict) and "elapsed_s" in result else ""
-        print(f"  {stage}: {'done' + took if isinstance(result, dict) else result}")
+    _print_summary(summary)
     bake = Path(job.path).resolve() / "bake"
     print(f"Wrote {job.path}; open {bake / 'gaussians.usdc'} in Blender (File > Import > USD) or use the add-on.")
     return 0
@@ -279,9 +288,7 @@ def _generate(args) -> int:
     finally:
         bars.close()
     job = Path(args.output).resolve()
-    for stage, result in summary.items():
-        took = f" ({result['elapsed_s']:.0f} s)" if isinstance(result, dict) and "elapsed_s" in result else ""
-        print(f"  {stage}: {'done' + took if isinstance(result, dict) else result}")
+    _print_summary(summary)
     print(f"""
 Wrote the example job to {job}
   frames/   the input in the STAG4D layout (ref/ front views, zero123/ the six anchor views per frame)

@@ -164,6 +164,8 @@ def run_stages(job: Job, stages: list[Stage], progress: StageProgress | None = N
             known = {lic.get("model"): lic for lic in job.read().get("licences") or []}
             known.update({lic.get("model"): lic for lic in result["licences"]})
             job.update(licences=list(known.values()))
+        if isinstance(result, dict) and result.get("record"):  # facts a stage keeps in job.json (e.g. matting)
+            job.update(**result["record"])
         job.emit("stage_finished", stage=stage.name, elapsed_s=elapsed, result=result)
         summary[stage.name] = dict(result, elapsed_s=elapsed)
     job.update(state="finished", error=None, **(on_finished(summary) if on_finished else {}))

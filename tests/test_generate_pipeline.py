@@ -51,6 +51,7 @@ def test_stops_at_missing_zero123plus_after_preprocessing_then_resumes_when_inst
     kinds = [(e["kind"], e.get("stage")) for e in _events(job_dir)]
     assert ("stage_finished", "preprocess") in kinds and ("stage_failed", "anchors") in kinds
     assert Job(job_dir).read()["state"] == "failed"
+    assert Job(job_dir).read()["matting"] == {"method": "input", "note": "alpha from the input itself (matting=auto)"}
     mtime = refs[0].stat().st_mtime_ns
 
     # Weights installed (a local copy in the real layout): the same command goes on from the anchors.

@@ -229,3 +229,21 @@ def test_doctor_lists_each_model():
     for name in MODELS:
         assert report[f"weights {name}"].startswith("missing")
     assert "stag4d models download zero123plus" in report["weights zero123plus"]
+
+
+def test_library_floors_admit_no_version_known_to_break_the_loaders():
+    """transformers 4.50-4.55 raise `TypeError: Object of type dtype is not JSON serializable` in
+    CLIPVisionModelWithProjection.from_pretrained(..., dtype=...), which models/zero123_xl.py calls: the floor is
+    4.56, and the installed version (what the suite tests) satisfies it."""
+    import tomllib
+    from pathlib import Path
+
+    import transformers
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    spec = next(Requirement(d).specifier for d in deps["dependencies"] if d.startswith("transformers"))
+    for broken in ("4.50.0", "4.53.3", "4.55.4"):
+        assert Version(broken) not in spec, broken
+    assert Version("4.56.0") in spec and Version(transformers.__version__) in spec

@@ -3,7 +3,9 @@ present): frame selection and fps, one crop box for the clip, matting choices, b
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -272,9 +274,16 @@ def test_generated_video_folder_uses_the_white_key(tmp_path, no_matting):
     Image.new("RGB", (48, 48), (255, 255, 255)).save(folder / "condition.png")  # not a frame
     (folder / "frames.json").write_text(json.dumps({"fps": 7, "files": files, "matting": "white-key"}))
     job = Job(tmp_path / "job")
-    pp.run(job, {"input": str(folder), "size": 64})
+    said = []
+    result = pp.run(job, {"input": str(folder), "size": 64}, lambda s: said.append(s.get("message", "")))
     m = meta(job)
     assert m["frames"] == 3 and m["fps"] == 7.0 and m["matting"] == "white-key"
+    # 'auto' says what it used and why the model did not run: in the progress, meta.json and the stage result
+    # (the pipeline keeps result["record"] in job.json, the CLI prints result["note"])
+    note = ("alpha from a white-background key (matting=auto) (the matting model cannot run: "
+            + pp.NO_MATTING.rstrip(".") + "; the frames were generated on a plain background)")
+    assert note in said and m["matting_note"] == note and result["note"] == note
+    assert result["record"] == {"matting": {"method": "white-key", "note": note}}
     a = np.asarray(Image.open(job.frames_dir / "ref" / "0_rgba.png"))[..., 3]
     bbox = Image.fromarray(a).getbbox()
     assert a[(bbox[1] + bbox[3]) // 2, (bbox[0] + bbox[2]) // 2] == 255
@@ -396,6 +405,34 @@ def test_matting_model_path_with_a_stand_in_birefnet(tmp_path, monkeypatch):
     assert "kornia_not_installed_here" in matting.unavailable_reason()
     with pytest.raises(PreprocessError, match="pip install kornia_not_installed_here"):
         pp.run(Job(tmp_path / "job2"), {"input": str(video), "matting": "model"})
+
+
+def test_matting_names_a_missing_or_mismatched_torchvision(tmp_path, monkeypatch):
+    """BiRefNet's code imports torchvision, which must be built for the installed torch: missing, or installed
+    for another torch (its import fails), matting is unavailable with the install.sh command that fixes it,
+    and 'auto' on frames without alpha stops with that reason instead of using the model."""
+    from stag4d_backend.models import matting
+
+    folder = _write_fake_birefnet(tmp_path / "birefnet")
+    (folder / "birefnet.py").write_text("import torchvision\n" + (folder / "birefnet.py").read_text())
+    monkeypatch.setenv("STAG4D_MATTING_PATH", str(folder))
+    monkeypatch.setattr(matting, "_import_checks", {})
+    fakes = tmp_path / "site"
+    if importlib.util.find_spec("torchvision") is None:
+        reason = matting.unavailable_reason()
+        assert "not installed: torchvision" in reason and "install.sh --matting" in reason
+    # A torchvision built for another torch (as PyPI's beside the CPU torch): found, but its import fails.
+    (fakes / "torchvision").mkdir(parents=True)
+    (fakes / "torchvision" / "__init__.py").write_text(
+        "raise RuntimeError('operator torchvision::nms does not exist')\n")
+    monkeypatch.syspath_prepend(str(fakes))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fakes), os.environ.get("PYTHONPATH", "")]))
+    reason = matting.unavailable_reason()
+    assert reason == ("torchvision is installed but does not work with this torch (RuntimeError: operator "
+                      "torchvision::nms does not exist); run `bash install_scripts/install.sh --matting`, which "
+                      "installs the build that matches torch")
+    with pytest.raises(PreprocessError, match="does not work with this torch"):
+        pp.run(Job(tmp_path / "job"), {"input": str(write_video(tmp_path / "clip.mp4", n=2)), "size": 32})
 
 
 def test_imageio_fallback_reader(tmp_path, monkeypatch):

@@ -37,18 +37,50 @@ def _registry():
     return registry
 
 
+def _get_imports(py: Path) -> list[str]:
+    from transformers.dynamic_module_utils import get_imports
+
+    return get_imports(py)
+
+
 def _missing_imports(folder: Path) -> list[str]:
     """Top-level packages the folder's code imports that are not installed (transformers' own import scan)."""
     try:
-        from transformers.dynamic_module_utils import get_imports
+        import transformers.dynamic_module_utils  # noqa: F401
     except ImportError:
         return ["transformers"]
     missing = set()
     for py in folder.glob("*.py"):
-        for pkg in get_imports(py):
+        for pkg in _get_imports(py):
             if importlib.util.find_spec(pkg) is None:
                 missing.add(pkg)
     return sorted(missing)
+
+
+# Packages whose wheel must be built for the installed torch: pip's default one can be built for another torch
+# (PyPI's torchvision pairs with the CUDA build; beside the CPU build its import fails with "operator
+# torchvision::nms does not exist"), so install.sh --matting installs the matching one.
+_TORCH_PAIRED = ("torchvision",)
+_INSTALL_HINT = "run `bash install_scripts/install.sh --matting`, which installs the build that matches torch"
+_import_checks: dict[str, str | None] = {}
+
+
+def broken_import(package: str) -> str | None:
+    """None when ``package`` imports (with its compiled ops); else the error's last line. Run in a subprocess, once
+    per process: a failed import of a torch extension can leave half-registered operators behind."""
+    if package not in _import_checks:
+        import subprocess
+        import sys
+
+        code = f"import {package}" + (".ops; import torch; " + package + ".ops.nms(torch.zeros(1, 4), "
+                                      "torch.zeros(1), 0.5)" if package == "torchvision" else "")
+        try:
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            lines = (res.stderr or res.stdout).strip().splitlines()
+            _import_checks[package] = None if res.returncode == 0 else (lines[-1] if lines else "import failed")
+        except (OSError, subprocess.SubprocessError) as exc:
+            _import_checks[package] = f"could not check ({exc})"
+    return _import_checks[package]
 
 
 def unavailable_reason(local_path=None) -> str | None:
@@ -60,9 +92,16 @@ def unavailable_reason(local_path=None) -> str | None:
         return str(exc)
     missing = _missing_imports(folder)
     if missing:
+        paired = [p for p in missing if p in _TORCH_PAIRED]
+        how = _INSTALL_HINT if paired else f"install them with `pip install {' '.join(missing)}` in the " \
+                                            f"backend's environment"
         return (f"the matting model at {folder} needs Python packages that are not installed: "
-                f"{', '.join(missing)}; install them with `pip install {' '.join(missing)}` in the backend's "
-                f"environment")
+                f"{', '.join(missing)}; {how}")
+    needed = {pkg for py in folder.glob("*.py") for pkg in _get_imports(py)}
+    for pkg in sorted(needed.intersection(_TORCH_PAIRED)):
+        err = broken_import(pkg)
+        if err:
+            return f"{pkg} is installed but does not work with this torch ({err}); {_INSTALL_HINT}"
     return None
 
 
@@ -117,9 +156,9 @@ def load(local_path=None, device="auto"):
     with _lock:
         if key in _cache:
             return _cache[key]
-        missing = _missing_imports(folder)
-        if missing:
-            raise reg.ModelLoadError(unavailable_reason(local_path), reg.get_spec(NAME))
+        problem = unavailable_reason(local_path)
+        if problem:
+            raise reg.ModelLoadError(problem, reg.get_spec(NAME))
         dtype = reg.torch_dtype(NAME, dev)
         try:
             model = _build(folder)

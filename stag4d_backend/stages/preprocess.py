@@ -584,10 +584,17 @@ def matting_problem(options: dict | None = None) -> str | None:
     return reason  # installed but unusable (its code's packages are missing)
 
 
-def matte_clip(clip: Clip, mode: str, options: dict, progress: ProgressFn) -> tuple[list[Image.Image], str]:
-    """RGBA frames for the clip and how the alpha was obtained ("input", "model", "white-key", "color-key")."""
+MATTING_SAYS = {"input": "the input itself", "model": "the BiRefNet matting model",
+                "white-key": "a white-background key", "color-key": "a uniform-background colour key"}
+
+
+def matte_clip(clip: Clip, mode: str, options: dict, progress: ProgressFn) -> tuple[list[Image.Image], str, str]:
+    """RGBA frames for the clip, how the alpha was obtained ("input", "model", "white-key", "color-key") and one
+    line saying so (for 'auto', also why: users must know when a key stood in for the model)."""
     images = clip.images
     src_alpha = has_alpha(images)
+    asked = mode
+    why = ""
     if mode == "auto":
         if src_alpha:
             mode = "input"
@@ -597,6 +604,8 @@ def matte_clip(clip: Clip, mode: str, options: dict, progress: ProgressFn) -> tu
                 mode = "model"
             elif clip.matting_hint in ("white-key", "color-key"):
                 mode = clip.matting_hint  # generated frames on the plain background we asked for (video stage)
+                why = f" (the matting model cannot run: {problem.rstrip('.')}; the frames were generated on a " \
+                      f"plain background)"
             else:
                 raise PreprocessError(problem)
     elif mode == "none":
@@ -610,6 +619,8 @@ def matte_clip(clip: Clip, mode: str, options: dict, progress: ProgressFn) -> tu
             raise PreprocessError(problem)
 
     n = len(images)
+    said = f"alpha from {MATTING_SAYS[mode]} (matting={asked}){why}"
+    progress({"phase": "matte", "step": 0, "total": n, "message": said})
     if mode == "input":
         out = [im.convert("RGBA") for im in images]
     elif mode == "model":
@@ -628,7 +639,7 @@ def matte_clip(clip: Clip, mode: str, options: dict, progress: ProgressFn) -> tu
             _check_stop(options)
             out.append(color_key(im, color, name=f"{clip.source} (frame {clip.indices[i]})"))
             progress({"phase": "matte", "step": i + 1, "total": n, "message": f"keying out the background ({mode})"})
-    return [clean_alpha(im) for im in out], mode
+    return [clean_alpha(im) for im in out], mode, said
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -679,7 +690,7 @@ def run(job, options: dict, progress: ProgressFn | None = None) -> dict:
     frames_dir = Path(job.frames_dir)
 
     clip = read_clip(req["input"], sel, options, progress)
-    rgba, matting_used = matte_clip(clip, req["matting"], options, progress)
+    rgba, matting_used, matting_said = matte_clip(clip, req["matting"], options, progress)
 
     boxes = []
     for i, im in enumerate(rgba):
@@ -722,11 +733,13 @@ def run(job, options: dict, progress: ProgressFn | None = None) -> dict:
         # In the source frame's pixels (after rotation), x0 y0 x1 y1; may extend past the frame.
         "crop_box": [round(c * inv, 3) for c in crop],
         "matting": matting_used,
+        "matting_note": matting_said,
         "request": req,
         "versions": {"stag4d": __version__},
     }
     write_json(frames_dir / META, meta)
-    return {"frames": n, "size": size, "fps": fps, "matting": matting_used,
+    return {"frames": n, "size": size, "fps": fps, "matting": matting_used, "note": matting_said,
+            "record": {"matting": {"method": matting_used, "note": matting_said}},
             "crop_box": meta["crop_box"], "elapsed_s": round(time.perf_counter() - t0, 2)}
 
 
