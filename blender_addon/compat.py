@@ -23,8 +23,8 @@ def set_transparency(mat) -> None:
     """Settings for materials whose alpha varies per shaded point (the splats).
 
     EEVEE Next (4.2+): "Dithered" composites any number of overlapping splats in any order and converges with
-    samples; "Blended" sorts per object only, so the instances of one cloud would overlap wrongly.
-    ``use_transparent_shadow`` is gone in 5.0 (EEVEE's shadows always follow the alpha there)."""
+    samples; "Blended" sorts per object only, so the instances of one cloud would overlap wrongly. Both
+    attributes exist in 4.2-5.0; the checks keep the add-on importable in a build without EEVEE."""
     if hasattr(mat, "surface_render_method"):
         mat.surface_render_method = "DITHERED"
     if hasattr(mat, "use_transparent_shadow"):

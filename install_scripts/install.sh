@@ -25,7 +25,7 @@ for arg in "$@"; do
     --cpu) MODE="cpu" ;;
     --cuda) MODE="cuda" ;;
     --no-test) WITH_TEST=0 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -36,6 +36,18 @@ VENV="$ROOT/.venv"
 fail() { echo "install.sh: ERROR: $*" >&2; exit 1; }
 step() { echo "==> $*"; }
 trap 'echo "install.sh: FAILED at line $LINENO (see the output above); re-run after fixing it" >&2' ERR
+
+# --blender-versions: checked against the list of tested releases before anything is installed.
+LIST="$ROOT/install_scripts/blender_versions.txt"
+SERIES=()
+if [ -n "$BLENDER_VERSIONS" ]; then
+  KNOWN="$(grep -v '^#' "$LIST" | awk 'NF {print $1}' | paste -sd' ' -)"
+  [ "$BLENDER_VERSIONS" = "all" ] && BLENDER_VERSIONS="${KNOWN// /,}"
+  IFS=',' read -r -a SERIES <<< "$BLENDER_VERSIONS"
+  for series in "${SERIES[@]}"; do
+    [[ " $KNOWN " == *" $series "* ]] || fail "--blender-versions: '$series' is not in $LIST (known: $KNOWN)"
+  done
+fi
 
 command -v "$PYTHON" >/dev/null || fail "'$PYTHON' not found; install Python 3.10-3.11 or set PYTHON=/path/to/python"
 "$PYTHON" - <<'PY' || fail "Python 3.11 is required (bpy==5.0.1 wheels are cp311 only); set PYTHON=/path/to/python3.11"
@@ -91,17 +103,11 @@ PY
 
 # Side environments for the Blender version matrix: one venv per release series with that release's bpy wheel
 # (and the numpy it pins). The add-on itself needs nothing else; the test drives them as subprocesses.
-if [ -n "$BLENDER_VERSIONS" ]; then
-  LIST="$ROOT/install_scripts/blender_versions.txt"
+if [ "${#SERIES[@]}" -gt 0 ]; then
   MAIN_BPY="$("$PY" -c 'import importlib.metadata as m; print(m.version("bpy"))' 2>/dev/null || true)"
-  if [ "$BLENDER_VERSIONS" = "all" ]; then
-    BLENDER_VERSIONS="$(grep -v '^#' "$LIST" | awk 'NF {print $1}' | paste -sd, -)"
-  fi
-  IFS=',' read -r -a SERIES <<< "$BLENDER_VERSIONS"
   for series in "${SERIES[@]}"; do
     wheel="$(awk -v s="$series" '!/^#/ && $1 == s {print $2}' "$LIST")"
     extra="$(awk -v s="$series" '!/^#/ && $1 == s {$1 = $2 = ""; print}' "$LIST")"
-    [ -n "$wheel" ] || fail "--blender-versions: '$series' is not listed in $LIST (known: $(grep -v '^#' "$LIST" | awk 'NF {print $1}' | paste -sd' ' -))"
     if [ "$wheel" = "$MAIN_BPY" ]; then
       step "Blender $series: the main environment's bpy $wheel (no side environment needed)"
       continue

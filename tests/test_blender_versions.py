@@ -201,3 +201,26 @@ def test_addon_on_blender_release(series, wheel, addon_zip, job_dir, server, tmp
     # Connected to the running server with the token from its token file, and listed its jobs.
     assert not res["status"]["error"] and res["status"]["text"] == f"Connected to {server['url']}", res["status"]
     assert server["job_id"] in [j["id"] for j in res["jobs"]]
+
+
+def test_release_list_matches_the_wheels_and_the_main_environment():
+    """Each line names a bpy wheel of its own series; the main environment's pin (pyproject.toml) is one of them,
+    and the manifest's minimum is the oldest release tested."""
+    import tomllib
+
+    rel = releases()
+    assert len({s for s, _ in rel}) == len(rel) >= 3
+    for series, wheel in rel:
+        assert wheel.split(".")[:2] == series.split("."), (series, wheel)
+    test_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    assert any(f"bpy=={wheel}" in test_extra for _, wheel in rel)  # the main environment's release is listed
+    manifest = tomllib.loads((REPO / "blender_addon" / "blender_manifest.toml").read_text())
+    assert manifest["blender_version_min"].rsplit(".", 1)[0] == rel[0][0]  # 4.2.0 <-> 4.2
+
+
+def test_install_rejects_an_unknown_release_before_installing_anything(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "install_scripts" / "install.sh"), "--blender-versions", "4.2,3.6"],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode != 0
+    assert "'3.6' is not in" in proc.stderr and f"known: {' '.join(s for s, _ in releases())}" in proc.stderr
+    assert "==> target" not in proc.stdout  # stopped before the first install step
