@@ -1,7 +1,8 @@
 """One Blender release through the add-on as a user meets it; run by tests/test_blender_versions.py with that
 release's Python (a side environment's bpy wheel), never collected by pytest itself.
 
-    python blender_version_check.py --zip ADDON.zip --job JOB_DIR --server URL --token-file FILE --out DIR
+    python blender_version_check.py --zip ADDON.zip --job JOB_DIR --camera CAMERA.json --server URL
+                                    --token-file FILE --out DIR
 
 Installs the built zip with Blender's "Install from Disk" operator, enables it, imports the job with the light
 points display, records the point positions at three frames, switches the splat display on, records the splat
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import bpy
+from mathutils import Matrix
 
 FRAMES = (0, 2, 3)
 RENDER_FRAME = 2
@@ -51,10 +53,13 @@ def _instances(obj) -> np.ndarray:
 def run(args, res: dict, arrays: dict) -> None:
     scene = bpy.context.scene
     bpy.data.batch_remove(list(bpy.data.objects))  # the start-up cube, light and camera
+    # The user's scene camera, there before the import (the splats' blur is bound to it): the backend's camera.
+    camera = json.loads(Path(args.camera).read_text())
     cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
     scene.collection.objects.link(cam)
-    cam.location = (0.0, -4.0, 0.0)
-    cam.rotation_euler = (math.pi / 2, 0.0, 0.0)  # looking along +Y at the creature, Z up
+    cam.data.sensor_fit, cam.data.lens_unit = "VERTICAL", "FOV"
+    cam.data.angle = math.radians(camera["fovy"])
+    cam.matrix_world = Matrix(camera["matrix"])
     scene.camera = cam
     scene.render.resolution_x = scene.render.resolution_y = 64
     scene.render.resolution_percentage = 100
@@ -95,6 +100,7 @@ def run(args, res: dict, arrays: dict) -> None:
     scene.cycles.device = "CPU"
     scene.cycles.samples = 8
     scene.cycles.use_denoising = False
+    scene.cycles.use_adaptive_sampling = False
     scene.render.film_transparent = True
     scene.render.image_settings.file_format = "PNG"
     scene.render.image_settings.color_mode = "RGBA"
@@ -126,6 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--job", required=True)
     ap.add_argument("--server", required=True)
     ap.add_argument("--token-file", required=True)
+    ap.add_argument("--camera", required=True, help="JSON: {matrix: 4x4 camera-to-world (Blender), fovy: degrees}")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     out = Path(args.out)
