@@ -16,7 +16,7 @@ from pathlib import Path
 
 import bpy
 
-from . import splat_nodes
+from . import compat, splat_nodes
 
 ROLE = "stag4d_role"
 JOB = "stag4d_job"
@@ -161,9 +161,8 @@ def _mesh_material() -> bpy.types.Material:
     if mat is not None:
         return mat
     mat = bpy.data.materials.new(MESH_MATERIAL)
-    if mat.node_tree is None:  # Blender < 5.0 (5.0 always gives materials a node tree)
-        mat.use_nodes = True
-    nodes, links = mat.node_tree.nodes, mat.node_tree.links
+    nt = compat.material_node_tree(mat)
+    nodes, links = nt.nodes, nt.links
     bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
     attr = nodes.new("ShaderNodeAttribute")
     attr.attribute_name = "displayColor"  # the mesh's vertex colours (linear)

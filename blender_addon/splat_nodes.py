@@ -24,12 +24,15 @@ import math
 
 import bpy
 
+from . import compat
+
 GROUP_NAME = "Gaussian splats"
 MODIFIER_NAME = "Gaussian splats"
 SPLAT_MATERIAL = "STAG4D splat"
 POINTS_MATERIAL = "STAG4D points"
 # Bump when the node graph changes: an older group in a saved .blend is rebuilt instead of reused.
-VERSION = 2
+# 3: the square root of the scales per component (Math nodes), which Blender 4.2 has, instead of Vector Math POWER.
+VERSION = 3
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
 DEFAULT_DETAIL = 2          # ico sphere subdivisions: 80 triangles per Gaussian
@@ -84,9 +87,7 @@ def _vmath(nodes, op, x, y, a, b=None, links=None):
 def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     """Emission colour from the instance's ``displayColor``, alpha = opacity x the Gaussian along the ray."""
     mat = bpy.data.materials.get(name) or bpy.data.materials.new(name)
-    if mat.node_tree is None:  # Blender < 5.0 (5.0 always gives materials a node tree)
-        mat.use_nodes = True
-    nt = mat.node_tree
+    nt = compat.material_node_tree(mat)
     nodes, links = nt.nodes, nt.links
     nodes.clear()
 
@@ -146,9 +147,8 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
 def build_points_material(name: str = POINTS_MATERIAL) -> bpy.types.Material:
     """The light "points" display: each point a sphere of its Gaussian's colour and opacity."""
     mat = bpy.data.materials.get(name) or bpy.data.materials.new(name)
-    if mat.node_tree is None:  # Blender < 5.0 (5.0 always gives materials a node tree)
-        mat.use_nodes = True
-    nodes, links = mat.node_tree.nodes, mat.node_tree.links
+    nt = compat.material_node_tree(mat)
+    nodes, links = nt.nodes, nt.links
     nodes.clear()
     color = nodes.new("ShaderNodeAttribute")
     color.attribute_type, color.attribute_name = "GEOMETRY", "displayColor"
@@ -174,12 +174,7 @@ def build_points_material(name: str = POINTS_MATERIAL) -> bpy.types.Material:
 
 
 def _transparent_settings(mat) -> None:
-    # EEVEE (Next, 4.2+): "Dithered" composites any number of overlapping splats in any order and converges
-    # with samples; "Blended" sorts per object only, so the instances of one cloud would overlap wrongly.
-    if hasattr(mat, "surface_render_method"):
-        mat.surface_render_method = "DITHERED"
-    if hasattr(mat, "use_transparent_shadow"):
-        mat.use_transparent_shadow = True
+    compat.set_transparency(mat)
     mat.diffuse_color = (0.8, 0.8, 0.8, 1.0)
 
 
@@ -339,12 +334,24 @@ def _blurred_scales(nodes, links, gin, scales):
     add.location = (-150, -700)
     links.new(sq.outputs["Vector"], add.inputs[0])
     links.new(var_px.outputs[0], add.inputs[1])
-    root = nodes.new("ShaderNodeVectorMath")
-    root.operation = "POWER"
-    root.location = (0, -700)
-    links.new(add.outputs["Vector"], root.inputs[0])
-    root.inputs[1].default_value = (0.5, 0.5, 0.5)
-    return root.outputs["Vector"]
+    return _vector_sqrt(nodes, links, add.outputs["Vector"], 0, -700)
+
+
+def _vector_sqrt(nodes, links, vec, x, y):
+    """Component-wise square root with Separate XYZ, three Math SQRT and Combine XYZ: Vector Math has no POWER
+    before Blender 4.5 (and no SQRT at all), and this graph is the same on every release."""
+    sep = nodes.new("ShaderNodeSeparateXYZ")
+    sep.location = (x, y)
+    links.new(vec, sep.inputs[0])
+    comb = nodes.new("ShaderNodeCombineXYZ")
+    comb.location = (x + 300, y)
+    for i in range(3):
+        root = nodes.new("ShaderNodeMath")
+        root.operation = "SQRT"
+        root.location = (x + 150, y - 150 * i)
+        links.new(sep.outputs[i], root.inputs[0])
+        links.new(root.outputs[0], comb.inputs[i])
+    return comb.outputs["Vector"]
 
 
 def drive_pixel_angle(obj, scene, camera=None) -> None:

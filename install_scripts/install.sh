@@ -7,6 +7,9 @@
 #   bash install_scripts/install.sh --cuda     # force a CUDA build (+ gsplat)
 #   bash install_scripts/install.sh --no-test  # skip pytest and bpy (runtime only)
 #   bash install_scripts/install.sh --matting  # also BiRefNet's packages + the torchvision built for this torch
+#   bash install_scripts/install.sh --blender-versions 4.2,4.5   # also side environments .venv-bpy-4.2, ...
+#                                  (bpy wheels of older Blender releases for the version-matrix test; 'all':
+#                                  every release in install_scripts/blender_versions.txt)
 set -euo pipefail
 
 TORCH_VERSION="2.13.0"
@@ -15,22 +18,40 @@ PYTHON="${PYTHON:-python3}"
 MODE="auto"
 WITH_TEST=1
 WITH_MATTING=0
+BLENDER_VERSIONS=""
+want_versions=0
 for arg in "$@"; do
+  if [ "$want_versions" = 1 ]; then BLENDER_VERSIONS="$arg"; want_versions=0; continue; fi
   case "$arg" in
+    --blender-versions) want_versions=1 ;;
+    --blender-versions=*) BLENDER_VERSIONS="${arg#*=}" ;;
     --cpu) MODE="cpu" ;;
     --cuda) MODE="cuda" ;;
     --no-test) WITH_TEST=0 ;;
     --matting) WITH_MATTING=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
+[ "$want_versions" = 1 ] && { echo "install.sh: --blender-versions needs a list such as 4.2,4.5 or 'all'" >&2; exit 2; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 fail() { echo "install.sh: ERROR: $*" >&2; exit 1; }
 step() { echo "==> $*"; }
 trap 'echo "install.sh: FAILED at line $LINENO (see the output above); re-run after fixing it" >&2' ERR
+
+# --blender-versions: checked against the list of tested releases before anything is installed.
+LIST="$ROOT/install_scripts/blender_versions.txt"
+SERIES=()
+if [ -n "$BLENDER_VERSIONS" ]; then
+  KNOWN="$(grep -v '^#' "$LIST" | awk 'NF {print $1}' | paste -sd' ' -)"
+  [ "$BLENDER_VERSIONS" = "all" ] && BLENDER_VERSIONS="${KNOWN// /,}"
+  IFS=',' read -r -a SERIES <<< "$BLENDER_VERSIONS"
+  for series in "${SERIES[@]}"; do
+    [[ " $KNOWN " == *" $series "* ]] || fail "--blender-versions: '$series' is not in $LIST (known: $KNOWN)"
+  done
+fi
 
 command -v "$PYTHON" >/dev/null || fail "'$PYTHON' not found; install Python 3.10-3.11 or set PYTHON=/path/to/python"
 "$PYTHON" - <<'PY' || fail "Python 3.11 is required (bpy==5.0.1 wheels are cp311 only); set PYTHON=/path/to/python3.11"
@@ -110,5 +131,32 @@ if $WITH_TEST:
     import pytest, bpy
     print(f"   pytest {pytest.__version__}, bpy {bpy.app.version_string}")
 PY
+
+# Side environments for the Blender version matrix: one venv per release series with that release's bpy wheel
+# (and the numpy it pins). The add-on itself needs nothing else; the test drives them as subprocesses.
+if [ "${#SERIES[@]}" -gt 0 ]; then
+  MAIN_BPY="$("$PY" -c 'import importlib.metadata as m; print(m.version("bpy"))' 2>/dev/null || true)"
+  for series in "${SERIES[@]}"; do
+    wheel="$(awk -v s="$series" '!/^#/ && $1 == s {print $2}' "$LIST")"
+    extra="$(awk -v s="$series" '!/^#/ && $1 == s {$1 = $2 = ""; print}' "$LIST")"
+    if [ "$wheel" = "$MAIN_BPY" ]; then
+      step "Blender $series: the main environment's bpy $wheel (no side environment needed)"
+      continue
+    fi
+    SIDE="$ROOT/.venv-bpy-$series"
+    if [ -x "$SIDE/bin/python" ] && "$SIDE/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('bpy') != '$wheel')" 2>/dev/null \
+        && { [ -z "${extra// /}" ] || "$SIDE/bin/python" -m pip install --disable-pip-version-check -q $extra; }; then
+      step "Blender $series: bpy $wheel already in $SIDE"
+      continue
+    fi
+    step "Blender $series: side environment $SIDE with bpy $wheel"
+    [ -x "$SIDE/bin/python" ] || "$PYTHON" -m venv "$SIDE" || fail "could not create $SIDE"
+    # shellcheck disable=SC2086 # $extra: zero or more requirements, split on spaces
+    "$SIDE/bin/python" -m pip install --disable-pip-version-check "bpy==$wheel" $extra \
+      || fail "could not install bpy==$wheel into $SIDE (is it on PyPI for this Python?)"
+    "$SIDE/bin/python" -c "import bpy; print('   bpy', bpy.app.version_string)" \
+      || fail "bpy $wheel installed in $SIDE but does not import"
+  done
+fi
 trap - ERR
 step "done. Activate with: source .venv/bin/activate   (or call .venv/bin/stag4d directly)"
