@@ -120,7 +120,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def sampler(tiny_model_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared machine
-    yield Zero123PlusSampler(load_zero123plus(tiny_model_dir, device="cpu"))
+    yield Zero123PlusSampler(load_zero123plus(tiny_model_dir, device="cpu", tile=TILE))
     torch.set_num_threads(threads)
 
 
@@ -157,6 +157,22 @@ def test_loads_real_layout(sampler, tiny_model_dir):
     from stag4d_backend.models.registry import missing_files, get_spec
 
     assert missing_files(get_spec("zero123plus"), tiny_model_dir) == []
+
+
+def test_tile_size_is_not_the_condition_crop(tiny_model_dir, frames):
+    """The official pipeline always renders 640x960 (320 px tiles) whatever feature_extractor_vae's crop: the
+    tile is 320 by default and an option otherwise, never read from the crop (32 px in the tiny model)."""
+    m = load_zero123plus(tiny_model_dir, device="cpu")
+    assert m.tile_size == 320
+    assert Zero123PlusSampler(m).latent_size() == (3 * 320 // 4, 2 * 320 // 4)
+    sampler = Zero123PlusSampler(load_zero123plus(tiny_model_dir, device="cpu", tile=48))
+    (f, grid), = generate_grids(sampler, frames, [0], mode="off", steps=1, seed=7)
+    assert f == 0 and grid.size == (2 * 48, 3 * 48)
+    assert [v.size for v in split_grid(grid)] == [(48, 48)] * 6
+    cond = sampler.condition(frames[0], 7)
+    assert tuple(cond.cond_lat.shape[-2:]) == (TILE // 4, TILE // 4)   # the condition still follows the crop
+    with pytest.raises(ValueError, match="multiple of the VAE"):
+        load_zero123plus(tiny_model_dir, device="cpu", tile=30)
 
 
 def test_frame0_unchanged_and_later_frames_pulled_toward_it(runs):
@@ -266,7 +282,7 @@ def test_stage_writes_views_and_resumes(tmp_path, tiny_model_dir, no_installed_w
     from stag4d_backend.stages import anchors
 
     job = _job_with_frames(tmp_path)
-    opts = {"model_path": str(tiny_model_dir), "device": "cpu", "steps": 2, "batch": 1}
+    opts = {"model_path": str(tiny_model_dir), "device": "cpu", "steps": 2, "batch": 1, "tile": TILE}
     assert not anchors.is_done(job, opts)
     events = []
     res = anchors.run(job, opts, events.append)
@@ -297,7 +313,7 @@ def test_stage_cancel_leaves_no_partial_frame(tmp_path, tiny_model_dir):
     from stag4d_backend.stages import anchors
 
     job = _job_with_frames(tmp_path, n=2)
-    opts = {"model_path": str(tiny_model_dir), "device": "cpu", "steps": 3, "tile_matting": "grey",
+    opts = {"model_path": str(tiny_model_dir), "device": "cpu", "steps": 3, "tile_matting": "grey", "tile": TILE,
             "should_stop": lambda: True}
     with pytest.raises(RuntimeError, match="cancelled"):
         anchors.run(job, opts, None)

@@ -102,14 +102,22 @@ def load_zero123_components(folder: str | os.PathLike, device: str | torch.devic
     """Every component from its subfolder of ``folder`` (local files only), on ``device`` in ``dtype``."""
     from transformers import CLIPVisionModelWithProjection
 
+    from .registry import component_variant
+
     folder = Path(folder)
     # low_cpu_mem_usage needs accelerate (optional here); say so explicitly instead of a warning per component.
     kw = dict(torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=_has_accelerate())
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-    camera_projection = CLIPCameraProjection.from_pretrained(folder, subfolder="clip_camera_projection", **kw)
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", dtype=dtype,
-                                                                  local_files_only=True)
+
+    def diffusers_part(cls, sub):
+        # a copy may hold only *.fp16.* weight files (saved with variant="fp16"): load that variant then
+        return cls.from_pretrained(folder, subfolder=sub, variant=component_variant(folder / sub), **kw)
+
+    unet = diffusers_part(UNet2DConditionModel, "unet")
+    vae = diffusers_part(AutoencoderKL, "vae")
+    camera_projection = diffusers_part(CLIPCameraProjection, "clip_camera_projection")
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+        folder / "image_encoder", dtype=dtype, local_files_only=True,
+        variant=component_variant(folder / "image_encoder"))
     feature_extractor = _image_processor_class().from_pretrained(folder / "feature_extractor",
                                                                  local_files_only=True)
     scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(folder, subfolder="scheduler",
@@ -195,21 +203,27 @@ _MODEL_INDEX = {
 }
 
 
-def save_random_zero123(folder: str | os.PathLike, tiny: bool = True, seed: int = 0) -> Path:
+def save_random_zero123(folder: str | os.PathLike, tiny: bool = True, seed: int = 0,
+                        variant: str | None = None) -> Path:
     """Random-weight Zero123 in the real folder layout (tests, benchmarks): ``tiny`` for seconds-long tests, or
-    the full-size architecture for timing. Load it with ``load_zero123_sds(local_path=folder)``."""
+    the full-size architecture for timing. Load it with ``load_zero123_sds(local_path=folder)``.
+    ``variant="fp16"``: half-precision weights saved only as ``*.fp16.*`` files, as some copies hold them."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     cfg = _TINY if tiny else _FULL
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    UNet2DConditionModel(**cfg["unet"]).save_pretrained(folder / "unet")
-    AutoencoderKL(**cfg["vae"]).save_pretrained(folder / "vae")
-    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["clip"]))
-    clip.save_pretrained(folder / "image_encoder")
+    half = variant == "fp16"
+
+    def save(model, sub):
+        (model.half() if half else model).save_pretrained(folder / sub, variant=variant)
+
+    save(UNet2DConditionModel(**cfg["unet"]), "unet")
+    save(AutoencoderKL(**cfg["vae"]), "vae")
+    save(CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["clip"])), "image_encoder")
     d = cfg["clip"]["projection_dim"]
-    CLIPCameraProjection(embedding_dim=d, additional_embeddings=4).save_pretrained(folder / "clip_camera_projection")
+    save(CLIPCameraProjection(embedding_dim=d, additional_embeddings=4), "clip_camera_projection")
     s = cfg["image_size"]
     _image_processor_class()(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(
         folder / "feature_extractor")

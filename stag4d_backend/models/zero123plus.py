@@ -6,7 +6,7 @@ Folder layout (the Hub repo's, loaded component by component so no custom pipeli
     unet/ vae/ text_encoder/ vision_encoder/   diffusers / transformers models
     tokenizer/                         CLIP BPE (vocab.json, merges.txt)
     feature_extractor_clip/            CLIPImageProcessor, 224 px, CLIP mean/std -> vision encoder
-    feature_extractor_vae/             CLIPImageProcessor, 320 px, mean/std 0.5 -> VAE (sets the tile size)
+    feature_extractor_vae/             CLIPImageProcessor, 320 px, mean/std 0.5 -> VAE (the condition latent)
     scheduler/                         replaced by Euler-ancestral with trailing timesteps, as the authors do
 
 The sampling loop is the official custom pipeline's (a StableDiffusionPipeline around a reference-only UNet)
@@ -36,6 +36,10 @@ GRID_ROWS, GRID_COLS = 3, 2     # six views, row-major: view k at row k // 2, co
 DEFAULT_STEPS = 75
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_SEED = 42
+# Output tile edge: the official pipeline always renders a 640x960 grid (width=640, height=960 are its call's
+# defaults), whatever the condition image's size; feature_extractor_vae's crop (also 320 for the real model)
+# only sizes the condition latent.
+DEFAULT_TILE = 320
 
 # Independent random streams per frame, all derived from the frame's seed.
 _NOISE, _REF_NOISE, _COND_SAMPLE, _NEG_SAMPLE = range(4)
@@ -106,32 +110,18 @@ class Zero123PlusModel:
     path: Path
     device: torch.device
     dtype: torch.dtype
+    tile_size: int = DEFAULT_TILE   # output tile edge in px (the grid is 2 x 3 tiles)
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def tile_size(self) -> int:
-        """Output tile edge in pixels: the VAE condition size (320 for the real model, so a 640x960 grid)."""
-        fe = self.feature_extractor_vae
-        for size in (getattr(fe, "crop_size", None), getattr(fe, "size", None)):
-            if size is None:
-                continue
-            if isinstance(size, (int, float)):
-                return int(size)
-            # a dict in transformers 4, a SizeDict (attributes) in 5
-            get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
-            edge = get("height") or get("shortest_edge")
-            if edge:
-                return int(edge)
-        raise ValueError("feature_extractor_vae has no crop size or size")
-
 
 def load_zero123plus(model_path: str | Path | None = None, device: str | torch.device = "cpu",
-                     dtype: str | torch.dtype | None = None) -> Zero123PlusModel:
+                     dtype: str | torch.dtype | None = None, tile: int | None = None) -> Zero123PlusModel:
     """Load the components from the registry's folder (``model_path`` overrides). MissingWeightsError (from
-    the registry) when absent, ModelLoadError when present but unusable."""
+    the registry) when absent, ModelLoadError when present but unusable. ``tile``: output tile edge in px
+    (default 320, the official 640x960 grid); a multiple of the VAE's downsampling factor."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
@@ -171,10 +161,17 @@ def load_zero123plus(model_path: str | Path | None = None, device: str | torch.d
         feature_extractor_vae=proc.from_pretrained(folder / "feature_extractor_vae"),
         scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
         ramping_coefficients=[float(x) for x in ramp],
-        path=folder, device=device, dtype=dtype)
+        path=folder, device=device, dtype=dtype, tile_size=int(tile or DEFAULT_TILE))
+    check_tile(model.tile_size, model.vae_scale_factor)
     for m in (model.unet, model.vae, model.text_encoder, model.vision_encoder):
         m.to(device).eval().requires_grad_(False)
     return model
+
+
+def check_tile(tile: int, vae_scale_factor: int) -> None:
+    if tile <= 0 or tile % vae_scale_factor:
+        raise ValueError(f"Zero123++ tile {tile} px: must be a positive multiple of the VAE's downsampling "
+                         f"factor {vae_scale_factor} (the official grid uses 320)")
 
 
 @dataclass
@@ -236,8 +233,9 @@ class Zero123PlusSampler:
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def latent_size(self, tile: int | None = None) -> tuple[int, int]:
-        t = tile or self.model.tile_size
+        t = int(tile or self.model.tile_size)
         sf = self.model.vae_scale_factor
+        check_tile(t, sf)
         return GRID_ROWS * t // sf, GRID_COLS * t // sf
 
     @torch.no_grad()
@@ -397,4 +395,4 @@ def full_size_store_bytes(unet_config: dict | None = None, steps: int = DEFAULT_
 
 __all__ = ["Zero123PlusModel", "Zero123PlusSampler", "FrameCondition", "load_zero123plus", "generate_grids",
            "split_grid", "to_rgb_on_grey", "scale_latents", "unscale_latents", "unscale_image", "SamplingStopped",
-           "full_size_store_bytes", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "DEFAULT_SEED"]
+           "full_size_store_bytes", "DEFAULT_TILE", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "DEFAULT_SEED"]
