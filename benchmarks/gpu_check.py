@@ -119,6 +119,15 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+_RESULT_PATH: Path | None = None
+
+
+def save_partial(figures: dict) -> None:
+    """Write what a step has so far: if its time box ends it, the driver still records these figures."""
+    if _RESULT_PATH is not None:
+        _RESULT_PATH.write_text(json.dumps({"figures": figures, "partial": True}, default=str))
+
+
 def _median(xs):
     return statistics.median(xs) if xs else None
 
@@ -153,8 +162,9 @@ def step_environment(spec: dict) -> dict:
     t0 = time.perf_counter()
     st = gsplat_status()                     # imports gsplat and loads / JIT-builds its CUDA code
     out.update(gsplat_usable=st.usable, gsplat_version=st.version, gsplat_reason=st.reason,
-               gsplat_check_s=round(time.perf_counter() - t0, 1), doctor_gsplat=gsplat_report(),
-               rasteriser_backends=available_backends())
+               gsplat_check_s=round(time.perf_counter() - t0, 1), doctor_gsplat=gsplat_report())
+    # available_backends() may build the compiled CPU kernel (a minute on a fresh machine): not on the GPU's clock
+    out["rasteriser_backends"] = available_backends() if not spec["gpu"] else None
     out["fit_rasteriser_on_cuda"] = "gsplat" if st.usable else ("torch (PyTorch rasteriser on CUDA)"
                                                                 if torch.cuda.is_available() else "n/a (no CUDA)")
     return out
@@ -238,6 +248,7 @@ def step_rasterizer(spec: dict) -> dict:
                     case.update(status="failed", error=f"{type(exc).__name__}: {str(exc)[:300]}")
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
+                save_partial({"device": str(dev), "cases": cases})
     out = {"device": str(dev), "cases": cases}
     bad = [c for c in cases if c["status"] == "failed"]
     if bad:
@@ -334,6 +345,7 @@ def step_zero123plus(spec: dict) -> dict:
             "step_s_by_batch": {f"x{n}": _median([dt for m, dt in times if m == n]) for n in sorted({n for n, _ in times})},
             "denoising_steps": len(times), "first_batch_s": sum(first_batch),
             "stored_bytes": max((c.stored_bytes() for c in ctxs), default=0)}
+        save_partial(out)
     return out
 
 
@@ -417,6 +429,7 @@ def step_fit(spec: dict) -> dict:
             "gaussians": res.num_gaussians, "elapsed_s": res.elapsed_s, "s_per_step_median": s_step,
             "s_per_step_mean": mean_step, "preset_iters": full.iters,
             "minutes_per_asset": mean_step * full.iters / 60 if mean_step else None, **mem.stop()}
+        save_partial(out)
     std = out["presets"].get("standard", {})
     if out["presets"].get("paper", {}).get("minutes_per_asset") is None and std.get("s_per_step_mean"):
         out["paper_minutes_from_standard_step"] = std["s_per_step_mean"] * get_preset("paper").iters / 60
@@ -438,11 +451,16 @@ def step_bake(spec: dict) -> dict:
     fit_dir = work / "fit-bake"
     save_fitted(fit_dir, creature_model(n), random_field(sz["bake_field"]),
                 {"num_frames": frames, "fps": 24.0, "source_size": 512})
-    out = {"gaussians": n, "frames": frames, "field": sz["bake_field"]}
+    try:
+        import pxr  # noqa: F401 - usd-core; a GPU machine may lack it (see docs/benchmarks.md)
+        formats = "usd,ply"
+    except ImportError:
+        formats = "ply"
+    out = {"gaussians": n, "frames": frames, "field": sz["bake_field"], "formats": formats}
     t = time.perf_counter()
-    res = bake(fit_dir, work / "bake", formats="usd,ply")
+    res = bake(fit_dir, work / "bake", formats=formats)
     out.update(bake_s=time.perf_counter() - t, timings_s=dict(res.timings),
-               usd_mb=dir_size(work / "bake" / "gaussians.usdc") / 1e6, ply_files=len(list((work / "bake" / "ply").glob("*.ply"))))
+               usd_mb=dir_size(work / "bake" / "gaussians.usdc") / 1e6 if "usd" in formats else None, ply_files=len(list((work / "bake" / "ply").glob("*.ply"))))
     animated, _ = load_fitted(fit_dir, device=dev)
     mem = Memory(dev)
     with torch.no_grad():
@@ -464,8 +482,20 @@ WORKERS = {"environment": step_environment, "cuda_tests": step_cuda_tests, "rast
 
 
 def _worker(spec: dict) -> dict:
+    global _RESULT_PATH
     _paths()
     import torch
+
+    _RESULT_PATH = Path(spec["result"])
+    env = spec.get("environment")
+    if spec["step"] != "environment" and env is not None and not env.get("gsplat_usable"):
+        # the environment step found gsplat unusable (or did not finish its build): do not retry the build on
+        # this step's clock; the rasteriser runs the PyTorch path on CUDA, as a user's fit would
+        from stag4d_backend.render import gsplat_backend
+
+        gsplat_backend._STATUS = gsplat_backend.GsplatStatus(False, env.get("gsplat_version"),
+                                                             env.get("gsplat_reason") or "environment step: "
+                                                             + str(env.get("error", "gsplat not checked")))
 
     torch.manual_seed(0)
     if not spec["gpu"]:
@@ -492,9 +522,13 @@ def run_step(spec: dict) -> dict:
     except subprocess.TimeoutExpired as exc:
         tail = (exc.stderr or b"")
         tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        return {**row, "status": "timeout", "seconds": time.perf_counter() - t0,
-                "error": f"time box of {spec['box']:.0f} s reached" + (f"; last output: {tail.strip()[-300:]}"
-                                                                      if tail.strip() else "")}
+        row.update(status="timeout", seconds=time.perf_counter() - t0,
+                   error=f"time box of {spec['box']:.0f} s reached" + (f"; last output: {tail.strip()[-300:]}"
+                                                                      if tail.strip() else ""))
+        if result_file.is_file():   # what the step had measured before its box ended
+            row["figures"] = json.loads(result_file.read_text())["figures"]
+            row["figures"].pop("error", None)
+        return row
     row["seconds"] = time.perf_counter() - t0
     if result_file.is_file():
         res = json.loads(result_file.read_text())
@@ -541,12 +575,12 @@ def summary(row: dict) -> str:
                          for c in ok[:: max(1, len(ok) // 6)]) + " (table below)"
     if name == "zero123plus":
         m = f.get("modes", {})
-        return (f"{f.get('model')} {f.get('dtype')}, {f.get('unet_params_m', 0):.0f}M UNet, latent "
+        return (f"{f.get('model')} {f.get('dtype')}, {f.get('unet_params_m', 0):.1f}M UNet, latent "
                 f"{'x'.join(map(str, f.get('latent', [])))}; s/step: "
                 + ", ".join(f"{k} {_s(v['step_s_median'])} ({_mem(v)})" for k, v in m.items())
                 + f"; SDPA: {f.get('sdpa_kernel')}")
     if name == "zero123_xl_sds":
-        return (f"{f.get('model')} {f.get('dtype')}, {f.get('unet_params_m', 0):.0f}M UNet: loss+backward "
+        return (f"{f.get('model')} {f.get('dtype')}, {f.get('unet_params_m', 0):.1f}M UNet: loss+backward "
                 f"{_s(f.get('loss_backward_s_median'))} (min {_s(f.get('loss_backward_s_min'))}), {_mem(f)}")
     if name == "fit":
         parts = []
@@ -560,8 +594,9 @@ def summary(row: dict) -> str:
             parts.append(f"paper at standard's step time: {f['paper_minutes_from_standard_step']:.1f} min")
         return "; ".join(parts)
     if name == "bake":
-        return (f"{f.get('gaussians')} Gaussians x {f.get('frames')} frames ({f.get('field')} field): bake USD+PLY "
-                f"{_s(f.get('bake_s'))}, USD {f.get('usd_mb', 0):.1f} MB; deformation on {f.get('evaluate_device')}: "
+        return (f"{f.get('gaussians')} Gaussians x {f.get('frames')} frames ({f.get('field')} field): bake {f.get('formats')} "
+                f"{_s(f.get('bake_s'))}" + (f", USD {f['usd_mb']:.1f} MB" if f.get("usd_mb") else "")
+                + f"; deformation on {f.get('evaluate_device')}: "
                 f"{_s(f.get('evaluate_s'))} for all frames, {_mem(f)}")
     return ""
 
@@ -654,8 +689,11 @@ def main(argv=None) -> int:
                 report["steps"].append({"step": step, "status": "skipped", "time_box_s": 0, "seconds": 0,
                                         "error": f"--budget-s {args.budget_s:.0f} spent"})
                 continue
+            env_row = next((r for r in report["steps"] if r["step"] == "environment"), None)
+            env = None if env_row is None else dict(env_row.get("figures") or {}, error=env_row.get("error"))
             spec = {"step": step, "gpu": gpu, "box": min(boxes[step], left), "sizes": report["sizes"],
-                    "work": str(work), "out_dir": str(out_dir), "threads": args.threads, "fail": args.fail_step}
+                    "work": str(work), "out_dir": str(out_dir), "threads": args.threads, "fail": args.fail_step,
+                    "environment": env}
             print(f"[gpu_check] {step} (box {spec['box']:.0f} s) ...", file=sys.stderr, flush=True)
             row = run_step(spec)
             report["steps"].append(row)

@@ -58,7 +58,7 @@ def test_every_step_ran_with_its_figures(dry):
             g, t = grid[("gsplat", n, px)], grid[("torch", n, px)]
             assert g["status"] == "unavailable" and g["error"] == "no CUDA device"
             assert t["status"] == "ok" and t["ran"] == "torch" and t["runs"] == sizes["raster_repeats"]
-            assert 0 < t["fwd_ms"] <= t["fwd_bwd_ms"] * 1.5 and t["fwd_bwd_min_ms"] <= t["fwd_bwd_ms"]
+            assert 0 < t["fwd_ms"] <= t["fwd_bwd_ms"] and t["fwd_bwd_min_ms"] <= t["fwd_bwd_ms"]
             assert 0 < t["drawn"] <= n and t["peak_rss_rise_mb"] >= 0
 
 

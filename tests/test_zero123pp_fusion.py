@@ -358,3 +358,26 @@ def test_split_grid_row_major():
         d.rectangle((x, y, x + TILE - 1, y + TILE - 1), fill=(k * 40, 0, 0))
     views = split_grid(grid)
     assert [v.getpixel((3, 3))[0] for v in views] == [k * 40 for k in range(6)]
+
+
+def test_full_size_config_matches_the_published_model():
+    """FULL_SIZE_CONFIG (benchmarks/gpu_check.py's random-weight Zero123++) has the real model's parameter counts
+    per component (UNet 865,910,724 = SD2; VAE 83,653,863; OpenCLIP ViT-H text 340,387,840; CLIP ViT-H vision
+    632,076,800), built on the meta device (no memory, no time)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from stag4d_backend.guidance.zero123pp_fusion import attn1_names
+    from stag4d_backend.models.zero123plus import FULL_SIZE_CONFIG as C
+
+    with torch.device("meta"):
+        parts = {"unet": UNet2DConditionModel(**C["unet"]), "vae": AutoencoderKL(**C["vae"]),
+                 "text": CLIPTextModel(CLIPTextConfig(**C["text_encoder"])),
+                 "vision": CLIPVisionModelWithProjection(CLIPVisionConfig(**C["vision_encoder"]))}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+    assert counts == {"unet": 865_910_724, "vae": 83_653_863, "text": 340_387_840, "vision": 632_076_800}
+    assert len(attn1_names(parts["unet"])) == 16
+    assert parts["vision"].config.projection_dim == parts["text"].config.hidden_size == 1024 \
+        == parts["unet"].config.cross_attention_dim
+    # the sizes docs/anchors.md quotes follow from it: 40x40 reference latent, 120x80 grid latent at tile 320
+    assert C["feature_extractor_vae"]["crop_size"]["height"] // 8 == 40
