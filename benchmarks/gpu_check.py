@@ -153,7 +153,8 @@ def step_environment(spec: dict) -> dict:
         out["driver"] = q.stdout.split(",")[1].strip() if q.stdout.count(",") >= 2 else None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        out.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), compute_capability=f"{p.major}.{p.minor}",
+        out.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   compute_capability=f"{p.major}.{p.minor}",
                    multiprocessors=p.multi_processor_count)
     from stag4d_backend.doctor import gsplat_report
     from stag4d_backend.render.gsplat_backend import gsplat_status
@@ -344,7 +345,8 @@ def step_zero123plus(spec: dict) -> dict:
             "wall_s": wall, **mem.stop(),
             "step_s_median": _median([dt for _, dt in times[1:]] or [dt for _, dt in times]),
             "first_step_s": times[0][1] if times else None,
-            "step_s_by_batch": {f"x{n}": _median([dt for m, dt in times if m == n]) for n in sorted({n for n, _ in times})},
+            "step_s_by_batch": {f"x{n}": _median([dt for m, dt in times if m == n])
+                                for n in sorted({n for n, _ in times})},
             "denoising_steps": len(times), "first_batch_s": sum(first_batch), "latents_finite": finite,
             "stored_bytes": max((c.stored_bytes() for c in ctxs), default=0)}
         save_partial(out)
@@ -465,7 +467,8 @@ def step_bake(spec: dict) -> dict:
     t = time.perf_counter()
     res = bake(fit_dir, work / "bake", formats=formats)
     out.update(bake_s=time.perf_counter() - t, timings_s=dict(res.timings),
-               usd_mb=dir_size(work / "bake" / "gaussians.usdc") / 1e6 if "usd" in formats else None, ply_files=len(list((work / "bake" / "ply").glob("*.ply"))))
+               usd_mb=dir_size(work / "bake" / "gaussians.usdc") / 1e6 if "usd" in formats else None,
+               ply_files=len(list((work / "bake" / "ply").glob("*.ply"))))
     animated, _ = load_fitted(fit_dir, device=dev)
     mem = Memory(dev)
     with torch.no_grad():
@@ -568,11 +571,12 @@ def summary(row: dict) -> str:
     name = row["step"]
     if name == "environment":
         gpu = f"{f.get('gpu')} ({f.get('gpu_memory_gib')} GiB, driver {f.get('driver')})" if f.get("gpu") else "no GPU"
+        gs = f"usable {f.get('gsplat_version')}" if f.get("gsplat_usable") else str(f.get("gsplat_reason"))
         return (f"torch {f.get('torch')} (CUDA {f.get('torch_cuda')}), {gpu}; nvcc {'yes' if f.get('nvcc') else 'no'}; "
-                f"gsplat: {'usable ' + str(f.get('gsplat_version')) if f.get('gsplat_usable') else f.get('gsplat_reason')}"
-                f"; the fit renders with {f.get('fit_rasteriser_on_cuda')}")
+                f"gsplat: {gs}; the fit renders with {f.get('fit_rasteriser_on_cuda')}")
     if name == "cuda_tests":
-        return f"{f.get('passed')} passed, {f.get('failed')} failed, {f.get('skipped')} skipped ({', '.join(f.get('files', []))})"
+        return (f"{f.get('passed')} passed, {f.get('failed')} failed, {f.get('skipped')} skipped "
+                f"({', '.join(f.get('files', []))})")
     if name == "rasterizer":
         ok = [c for c in f.get("cases", []) if c["status"] == "ok"]
         return "; ".join(f"{c['ran']} {c['gaussians'] // 1000 if c['gaussians'] >= 1000 else c['gaussians']}"
@@ -599,7 +603,8 @@ def summary(row: dict) -> str:
             parts.append(f"paper at standard's step time: {f['paper_minutes_from_standard_step']:.1f} min")
         return "; ".join(parts)
     if name == "bake":
-        return (f"{f.get('gaussians')} Gaussians x {f.get('frames')} frames ({f.get('field')} field): bake {f.get('formats')} "
+        return (f"{f.get('gaussians')} Gaussians x {f.get('frames')} frames ({f.get('field')} field): "
+                f"bake {f.get('formats')} "
                 f"{_s(f.get('bake_s'))}" + (f", USD {f['usd_mb']:.1f} MB" if f.get("usd_mb") else "")
                 + f"; deformation on {f.get('evaluate_device')}: "
                 f"{_s(f.get('evaluate_s'))} for all frames, {_mem(f)}")
@@ -610,22 +615,26 @@ def markdown(report: dict) -> str:
     env = next((r.get("figures", {}) for r in report["steps"] if r["step"] == "environment"), {})
     head = [f"GPU check, {report['date']} UTC, {'CPU dry run (tiny sizes)' if report['dry_run'] else 'real sizes'}"
             f": `{report['command']}`; {env.get('gpu') or 'no GPU'}, {report['cpu_model']} ({os.cpu_count()} CPUs), "
-            f"load {report['loadavg_start'][0]:.1f} -> {report['loadavg_end'][0]:.1f}; total {report['total_s']:.0f} s.",
+            f"load {report['loadavg_start'][0]:.1f} -> {report['loadavg_end'][0]:.1f}; "
+            f"total {report['total_s']:.0f} s.",
             "", "| step | status | seconds (box) | figures |", "|---|---|---:|---|"]
     for r in report["steps"]:
-        cell = summary(r) if r["status"] == "ok" else (r.get("error", "") + (f" -- {summary(r)}" if r.get("figures") else ""))
+        cell = summary(r) if r["status"] == "ok" else \
+            (r.get("error", "") + (f" -- {summary(r)}" if r.get("figures") else ""))
         head.append(f"| {r['step']} | {r['status']} | {r.get('seconds', 0):.0f} ({r['time_box_s']:.0f}) | "
                     f"{cell.replace('|', '/')} |")
     ras = next((r for r in report["steps"] if r["step"] == "rasterizer" and r.get("figures")), None)
     if ras:
         head += ["", "Rasteriser forward + backward (median of the runs after a warm-up):", "",
-                 "| backend | Gaussians | px | status | fwd | fwd+bwd | min | peak memory |", "|---|---:|---:|---|---:|---:|---:|---|"]
+                 "| backend | Gaussians | px | status | fwd | fwd+bwd | min | peak memory |",
+                 "|---|---:|---:|---|---:|---:|---:|---|"]
         for c in ras["figures"]["cases"]:
             if c["status"] == "ok":
                 head.append(f"| {c['ran']} | {c['gaussians']:,} | {c['size']} | ok | {c['fwd_ms']:.1f} ms | "
                             f"{c['fwd_bwd_ms']:.1f} ms | {c['fwd_bwd_min_ms']:.1f} ms | {_mem(c)} |")
             else:
-                head.append(f"| {c['backend']} | {c['gaussians']:,} | {c['size']} | {c['status']}: {c.get('error', '')} | | | | |")
+                head.append(f"| {c['backend']} | {c['gaussians']:,} | {c['size']} | {c['status']}: "
+                            f"{c.get('error', '')} | | | | |")
     return "\n".join(head)
 
 

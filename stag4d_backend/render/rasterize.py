@@ -7,8 +7,8 @@ for one pinhole camera, with the background composited as ``rgb + (1 - alpha) * 
 Backends (``backend=``):
 
 * ``"auto"``: CUDA tensors -> ``"gsplat"`` when gsplat's CUDA code is usable here, otherwise ``"torch"`` on
-  CUDA with one warning per process (gsplat absent, or its CUDA extension cannot be built); CPU -> ``"cpp"`` when the compiled compositor is importable,
-  available and the dtype is float32, otherwise ``"torch"``.
+  CUDA with one warning per process (gsplat absent, or its CUDA extension cannot be built); CPU -> ``"cpp"``
+  when the compiled compositor is importable, available and the dtype is float32, otherwise ``"torch"``.
 * ``"torch"``: EWA projection in PyTorch (``projection.py``) + tiled PyTorch compositor
   (``composite_torch.py``). Any device, float32 or float64.
 * ``"cpp"``: the compiled CPU projection ``projection_cpp.project_gaussians_cpp`` (same results as
