@@ -282,7 +282,8 @@ def _anchors_worker(spec: dict) -> dict:
     work = Path(spec["work"])
     model_dir, build_s = _ensure_zero123plus(work, spec["model"])
     t0 = time.perf_counter()
-    sampler = Zero123PlusSampler(load_zero123plus(model_dir, device="cpu"))
+    tile = 32 if spec["model"] == "tiny" else None   # the tiny model's 32 px tiles; full tokens: 320 (default)
+    sampler = Zero123PlusSampler(load_zero123plus(model_dir, device="cpu", tile=tile))
     load_s = time.perf_counter() - t0
     m = sampler.model
     _page_in(m.unet, m.vae, m.text_encoder, m.vision_encoder)

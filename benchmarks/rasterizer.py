@@ -37,6 +37,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def make_scene(n: int, size: int, seed: int = 0, device="cpu"):
+    """The benchmark scene (module docstring): (means, quats, scales, opacities, colors, viewmat, K), drawn on the
+    CPU (the same scene on every device) and moved to ``device``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(n, 3, generator=g)
+    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    means = d * torch.rand(n, 1, generator=g) ** (1.0 / 3.0) * 0.5
+    quats = torch.randn(n, 4, generator=g)
+    scales = torch.rand(n, 3, generator=g) * 0.02 + 0.01
+    opac = torch.rand(n, generator=g) * 0.8 + 0.1
+    colors = torch.rand(n, 3, generator=g)
+    viewmat = torch.tensor([[1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, -1.0, 2.0], [0, 0, 0, 1]])  # eye (0,0,2)
+    f = 0.5 * size / math.tan(math.radians(49.1) / 2)
+    K = torch.tensor([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
+    return tuple(t.to(device) for t in (means, quats, scales, opac, colors, viewmat, K))
+
+
 def _worker(spec: dict) -> dict:
     import resource
 
@@ -49,17 +68,7 @@ def _worker(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     n, size, backend = int(spec["count"]), int(spec["size"]), spec["backend"]
-    g = torch.Generator().manual_seed(int(spec.get("seed", 0)))
-    d = torch.randn(n, 3, generator=g)
-    d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    means = d * torch.rand(n, 1, generator=g) ** (1.0 / 3.0) * 0.5
-    quats = torch.randn(n, 4, generator=g)
-    scales = torch.rand(n, 3, generator=g) * 0.02 + 0.01
-    opac = torch.rand(n, generator=g) * 0.8 + 0.1
-    colors = torch.rand(n, 3, generator=g)
-    viewmat = torch.tensor([[1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, -1.0, 2.0], [0, 0, 0, 1]])  # eye (0,0,2)
-    f = 0.5 * size / math.tan(math.radians(49.1) / 2)
-    K = torch.tensor([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
+    means, quats, scales, opac, colors, viewmat, K = make_scene(n, size, int(spec.get("seed", 0)))
     which = resolve_backend(backend, torch.device("cpu"), torch.float32)
 
     def once():

@@ -39,6 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fusion", choices=["lockstep", "stored", "off"],
                    help="Zero123++ temporal-anchor fusion mode (default: lockstep)")
     g.add_argument("--anchor-steps", type=int, help="Zero123++ denoising steps (default 75, as the authors)")
+    g.add_argument("--anchor-tile", type=int, help="Zero123++ output tile edge in px (default 320: the official "
+                   "640x960 grid)")
     g.add_argument("--matting", choices=["auto", "model", "none", "white-key", "color-key"],
                    help="how an input without alpha is cut out (default auto: the matting model when installed)")
     g.add_argument("--video-frames", type=int, help="image/prompt input: frames the video model generates")
@@ -231,7 +233,7 @@ def _generate_from_input(args) -> int:
         request = make_request(args.input, args.prompt, preset=args.preset, seed=args.seed, frames=args.frames,
                                stride=args.stride, start=args.start, end=args.end, iters=args.iters,
                                device=args.device, guidance=args.guidance, formats=formats, fusion=args.fusion,
-                               anchor_steps=args.anchor_steps, matting=args.matting,
+                               anchor_steps=args.anchor_steps, anchor_tile=args.anchor_tile, matting=args.matting,
                                video_frames=args.video_frames)
         stages = generative_stages(request)  # checks the options before anything is written
         job = Job(args.output)

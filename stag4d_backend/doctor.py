@@ -46,10 +46,24 @@ def collect_report(cwd: str | os.PathLike = ".") -> dict[str, str]:
         from .render.rasterize import available_backends
 
         report["rasteriser backends"] = ", ".join(available_backends())
+        report["gsplat"] = gsplat_report()
     except ImportError as exc:  # the render package is incomplete in a broken install
         report["rasteriser backends"] = f"unavailable ({exc})"
     report.update(weights_report())
     return report
+
+
+def gsplat_report() -> str:
+    """One line: gsplat usable, or what a fit on this machine renders with instead."""
+    from .render.gsplat_backend import gsplat_status
+
+    st = gsplat_status()
+    if st.usable:
+        return f"{st.version}, CUDA kernels usable: fits on CUDA use gsplat"
+    if st.reason == "no CUDA device":
+        return "not used (no CUDA device)"
+    return (f"NOT USABLE: {st.reason}. Fits on CUDA use the project's PyTorch rasteriser instead (same results, "
+            f"slower); install `stag4d-backend[cuda]` (gsplat>=1.5,<1.6) where a CUDA toolkit (nvcc) is present")
 
 
 def weights_report() -> dict[str, str]:

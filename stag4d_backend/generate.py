@@ -95,7 +95,7 @@ def _anchors_stage(request: dict, should_stop) -> Stage:
         # The request's options are shared by every stage: the anchors' own knobs carry an anchor_ prefix there.
         opts = {k: v for k, v in request.get("options", {}).items() if k not in ("steps", "batch", "model_path")}
         opts.update(steps=opts.pop("anchor_steps", None), batch=opts.pop("anchor_batch", None),
-                    should_stop=should_stop)
+                    tile=opts.pop("anchor_tile", None), should_stop=should_stop)
         return opts
 
     return Stage("anchors", lambda job: anchors.is_done(job, options(job)),

@@ -40,7 +40,7 @@ def _events(job_dir):
 def test_stops_at_missing_zero123plus_after_preprocessing_then_resumes_when_installed(
         rgba_folder, tiny_zero123plus, tmp_path, monkeypatch, capsys):
     job_dir = tmp_path / "job"
-    argv = ["generate", str(rgba_folder), "-o", str(job_dir), "--preset", "tiny", "--anchor-steps", "2",
+    argv = ["generate", str(rgba_folder), "-o", str(job_dir), "--preset", "tiny", "--anchor-steps", "2", "--anchor-tile", "32",
             "--formats", "usd,ply", "--seed", "3"]
     assert cli.main(argv) == cli.EXIT_MISSING_WEIGHTS
     err = capsys.readouterr().err

@@ -487,7 +487,12 @@ def test_dispatch_rules(monkeypatch):
     cpu = torch.device("cpu")
     assert raster_mod.resolve_backend("torch", cpu, torch.float32) == "torch"
     assert raster_mod.resolve_backend("auto", cpu, torch.float64) == "torch"
+    from stag4d_backend.render import gsplat_backend
+
+    # CUDA -> gsplat where it is usable (the fallback without it: tests/test_gsplat_fallback.py)
+    monkeypatch.setattr(gsplat_backend, "_STATUS", gsplat_backend.GsplatStatus(True, "1.5.3", ""))
     assert raster_mod.resolve_backend("auto", torch.device("cuda"), torch.float32) == "gsplat"
+    monkeypatch.setattr(gsplat_backend, "_STATUS", None)
     with pytest.raises(ValueError):
         raster_mod.resolve_backend("vulkan", cpu, torch.float32)
     monkeypatch.setattr(raster_mod, "_load_cpp", lambda: None)

@@ -244,3 +244,27 @@ def test_sds_fit_resumed_after_a_kill_equals_the_uninterrupted_fit(toy_dir, mode
     a, b = (load_ply(tmp_path / d / "canonical.ply") for d in "ab")
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_loads_a_copy_holding_only_fp16_variant_files(model_dir, tmp_path):
+    """Some copies hold only *.fp16.* weight files (saved with variant="fp16"): loading falls back to that
+    variant, and the weights are the plain copy's rounded to half precision."""
+    from stag4d_backend.models.registry import component_variant, missing_files, get_spec
+
+    fp16_dir = save_random_zero123(tmp_path / "zero123-xl-fp16", tiny=True, seed=0, variant="fp16")
+    names = sorted(p.name for p in (fp16_dir / "unet").iterdir())
+    assert names == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    assert [component_variant(fp16_dir / s) for s in ("unet", "vae", "image_encoder", "clip_camera_projection")] \
+        == ["fp16"] * 4
+    assert component_variant(model_dir / "unet") is None
+    assert missing_files(get_spec("zero123-xl"), fp16_dir) == []
+    half = load_zero123_sds("cpu", fp16_dir, seed=0)
+    plain = load_zero123_sds("cpu", model_dir, seed=0)
+    assert half.dtype == torch.float32   # CPU: float32, whatever the files hold
+    for a, b in ((half.unet, plain.unet), (half.vae, plain.vae), (half.image_encoder, plain.image_encoder),
+                 (half.camera_projection, plain.camera_projection)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sb:
+            if sb[k].is_floating_point():
+                assert torch.equal(sa[k], sb[k].half().float()), k

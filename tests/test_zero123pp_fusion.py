@@ -120,7 +120,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def sampler(tiny_model_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared machine
-    yield Zero123PlusSampler(load_zero123plus(tiny_model_dir, device="cpu"))
+    yield Zero123PlusSampler(load_zero123plus(tiny_model_dir, device="cpu", tile=TILE))
     torch.set_num_threads(threads)
 
 
@@ -157,6 +157,22 @@ def test_loads_real_layout(sampler, tiny_model_dir):
     from stag4d_backend.models.registry import missing_files, get_spec
 
     assert missing_files(get_spec("zero123plus"), tiny_model_dir) == []
+
+
+def test_tile_size_is_not_the_condition_crop(tiny_model_dir, frames):
+    """The official pipeline always renders 640x960 (320 px tiles) whatever feature_extractor_vae's crop: the
+    tile is 320 by default and an option otherwise, never read from the crop (32 px in the tiny model)."""
+    m = load_zero123plus(tiny_model_dir, device="cpu")
+    assert m.tile_size == 320
+    assert Zero123PlusSampler(m).latent_size() == (3 * 320 // 4, 2 * 320 // 4)
+    sampler = Zero123PlusSampler(load_zero123plus(tiny_model_dir, device="cpu", tile=48))
+    (f, grid), = generate_grids(sampler, frames, [0], mode="off", steps=1, seed=7)
+    assert f == 0 and grid.size == (2 * 48, 3 * 48)
+    assert [v.size for v in split_grid(grid)] == [(48, 48)] * 6
+    cond = sampler.condition(frames[0], 7)
+    assert tuple(cond.cond_lat.shape[-2:]) == (TILE // 4, TILE // 4)   # the condition still follows the crop
+    with pytest.raises(ValueError, match="multiple of the VAE"):
+        load_zero123plus(tiny_model_dir, device="cpu", tile=30)
 
 
 def test_frame0_unchanged_and_later_frames_pulled_toward_it(runs):
@@ -266,7 +282,7 @@ def test_stage_writes_views_and_resumes(tmp_path, tiny_model_dir, no_installed_w
     from stag4d_backend.stages import anchors
 
     job = _job_with_frames(tmp_path)
-    opts = {"model_path": str(tiny_model_dir), "device": "cpu", "steps": 2, "batch": 1}
+    opts = {"model_path": str(tiny_model_dir), "device": "cpu", "steps": 2, "batch": 1, "tile": TILE}
     assert not anchors.is_done(job, opts)
     events = []
     res = anchors.run(job, opts, events.append)
@@ -297,7 +313,7 @@ def test_stage_cancel_leaves_no_partial_frame(tmp_path, tiny_model_dir):
     from stag4d_backend.stages import anchors
 
     job = _job_with_frames(tmp_path, n=2)
-    opts = {"model_path": str(tiny_model_dir), "device": "cpu", "steps": 3, "tile_matting": "grey",
+    opts = {"model_path": str(tiny_model_dir), "device": "cpu", "steps": 3, "tile_matting": "grey", "tile": TILE,
             "should_stop": lambda: True}
     with pytest.raises(RuntimeError, match="cancelled"):
         anchors.run(job, opts, None)
@@ -342,3 +358,26 @@ def test_split_grid_row_major():
         d.rectangle((x, y, x + TILE - 1, y + TILE - 1), fill=(k * 40, 0, 0))
     views = split_grid(grid)
     assert [v.getpixel((3, 3))[0] for v in views] == [k * 40 for k in range(6)]
+
+
+def test_full_size_config_matches_the_published_model():
+    """FULL_SIZE_CONFIG (benchmarks/gpu_check.py's random-weight Zero123++) has the real model's parameter counts
+    per component (UNet 865,910,724 = SD2; VAE 83,653,863; OpenCLIP ViT-H text 340,387,840; CLIP ViT-H vision
+    632,076,800), built on the meta device (no memory, no time)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from stag4d_backend.guidance.zero123pp_fusion import attn1_names
+    from stag4d_backend.models.zero123plus import FULL_SIZE_CONFIG as C
+
+    with torch.device("meta"):
+        parts = {"unet": UNet2DConditionModel(**C["unet"]), "vae": AutoencoderKL(**C["vae"]),
+                 "text": CLIPTextModel(CLIPTextConfig(**C["text_encoder"])),
+                 "vision": CLIPVisionModelWithProjection(CLIPVisionConfig(**C["vision_encoder"]))}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+    assert counts == {"unet": 865_910_724, "vae": 83_653_863, "text": 340_387_840, "vision": 632_076_800}
+    assert len(attn1_names(parts["unet"])) == 16
+    assert parts["vision"].config.projection_dim == parts["text"].config.hidden_size == 1024 \
+        == parts["unet"].config.cross_attention_dim
+    # the sizes docs/anchors.md quotes follow from it: 40x40 reference latent, 120x80 grid latent at tile 320
+    assert C["feature_extractor_vae"]["crop_size"]["height"] // 8 == 40

@@ -343,6 +343,25 @@ def variant_for(name: str, folder: str | os.PathLike) -> str | None:
     return None
 
 
+def component_variant(folder: str | os.PathLike) -> str | None:
+    """The variant to load one component folder with: None when it holds plain weight files
+    (``model.safetensors``, ``diffusion_pytorch_model-00001-of-00002.safetensors``), else the tag of its variant
+    files (``diffusion_pytorch_model.fp16.safetensors`` -> "fp16"): some copies hold only those, and
+    ``from_pretrained`` without ``variant=`` finds no weights there."""
+    d = Path(folder)
+    if not d.is_dir():
+        return None
+    tags = set()
+    for p in d.iterdir():
+        if p.suffix not in _WEIGHT_SUFFIXES:
+            continue
+        parts = p.name[: -len(p.suffix)].split(".")
+        if len(parts) == 1:
+            return None
+        tags.add(parts[-1])
+    return "fp16" if "fp16" in tags else (sorted(tags)[0] if tags else None)
+
+
 def check_vocab(tokenizer, spec: ModelSpec, minimum: int = 1000) -> None:
     """Offline `from_pretrained` can hand back an almost empty tokenizer when vocab files are missing; every
     prompt would then encode to unknown tokens without an error. Refuse it instead."""

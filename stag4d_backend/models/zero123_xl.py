@@ -102,14 +102,22 @@ def load_zero123_components(folder: str | os.PathLike, device: str | torch.devic
     """Every component from its subfolder of ``folder`` (local files only), on ``device`` in ``dtype``."""
     from transformers import CLIPVisionModelWithProjection
 
+    from .registry import component_variant
+
     folder = Path(folder)
     # low_cpu_mem_usage needs accelerate (optional here); say so explicitly instead of a warning per component.
     kw = dict(torch_dtype=dtype, local_files_only=True, low_cpu_mem_usage=_has_accelerate())
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-    camera_projection = CLIPCameraProjection.from_pretrained(folder, subfolder="clip_camera_projection", **kw)
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", dtype=dtype,
-                                                                  local_files_only=True)
+
+    def diffusers_part(cls, sub):
+        # a copy may hold only *.fp16.* weight files (saved with variant="fp16"): load that variant then
+        return cls.from_pretrained(folder, subfolder=sub, variant=component_variant(folder / sub), **kw)
+
+    unet = diffusers_part(UNet2DConditionModel, "unet")
+    vae = diffusers_part(AutoencoderKL, "vae")
+    camera_projection = diffusers_part(CLIPCameraProjection, "clip_camera_projection")
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+        folder / "image_encoder", dtype=dtype, local_files_only=True,
+        variant=component_variant(folder / "image_encoder"))
     feature_extractor = _image_processor_class().from_pretrained(folder / "feature_extractor",
                                                                  local_files_only=True)
     scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(folder, subfolder="scheduler",
@@ -195,28 +203,57 @@ _MODEL_INDEX = {
 }
 
 
-def save_random_zero123(folder: str | os.PathLike, tiny: bool = True, seed: int = 0) -> Path:
-    """Random-weight Zero123 in the real folder layout (tests, benchmarks): ``tiny`` for seconds-long tests, or
-    the full-size architecture for timing. Load it with ``load_zero123_sds(local_path=folder)``."""
+def random_zero123_components(tiny: bool = True, seed: int = 0, device: str | torch.device = "cpu",
+                              dtype: torch.dtype = torch.float32) -> Zero123Components:
+    """Random-weight Zero123 components built in memory on ``device`` (initialised there: seconds for the
+    full-size 860M-parameter UNet on a GPU)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     cfg = _TINY if tiny else _FULL
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**cfg["unet"])
+        vae = AutoencoderKL(**cfg["vae"])
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["clip"]))
+        camera_projection = CLIPCameraProjection(embedding_dim=cfg["clip"]["projection_dim"], additional_embeddings=4)
+    for m in (unet, vae, image_encoder, camera_projection):
+        m.to(dtype=dtype).eval().requires_grad_(False)
+    s = cfg["image_size"]
+    return Zero123Components(unet, vae, image_encoder,
+                             _image_processor_class()(size={"shortest_edge": s}, crop_size={"height": s, "width": s}),
+                             camera_projection, DDIMScheduler(**_SCHEDULER))
+
+
+def random_zero123_sds(device: str | torch.device = "cpu", tiny: bool = True, seed: int = 0,
+                       dtype: torch.dtype | None = None, **opts):
+    """A Zero123SDS on random weights built in memory (benchmarks/gpu_check.py): fp16 on CUDA like the real
+    model unless ``dtype`` says otherwise."""
+    from ..guidance.zero123_sds import Zero123SDS
+    from .registry import torch_dtype
+
+    dev = resolve_device(device)
+    dtype = dtype or torch_dtype(MODEL_NAME, dev)
+    c = random_zero123_components(tiny, seed, dev, dtype)
+    return Zero123SDS(c.unet, c.vae, c.image_encoder, c.feature_extractor, c.camera_projection, c.scheduler,
+                      device=dev, dtype=dtype, seed=seed, **opts)
+
+
+def save_random_zero123(folder: str | os.PathLike, tiny: bool = True, seed: int = 0,
+                        variant: str | None = None) -> Path:
+    """Random-weight Zero123 in the real folder layout (tests, benchmarks): ``tiny`` for seconds-long tests, or
+    the full-size architecture for timing. Load it with ``load_zero123_sds(local_path=folder)``.
+    ``variant="fp16"``: half-precision weights saved only as ``*.fp16.*`` files, as some copies hold them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    UNet2DConditionModel(**cfg["unet"]).save_pretrained(folder / "unet")
-    AutoencoderKL(**cfg["vae"]).save_pretrained(folder / "vae")
-    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["clip"]))
-    clip.save_pretrained(folder / "image_encoder")
-    d = cfg["clip"]["projection_dim"]
-    CLIPCameraProjection(embedding_dim=d, additional_embeddings=4).save_pretrained(folder / "clip_camera_projection")
-    s = cfg["image_size"]
-    _image_processor_class()(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(
-        folder / "feature_extractor")
-    DDIMScheduler(**_SCHEDULER).save_pretrained(folder / "scheduler")
+    c = random_zero123_components(tiny, seed, dtype=torch.float16 if variant == "fp16" else torch.float32)
+    for model, sub in ((c.unet, "unet"), (c.vae, "vae"), (c.image_encoder, "image_encoder"),
+                       (c.camera_projection, "clip_camera_projection")):
+        model.save_pretrained(folder / sub, variant=variant)
+    c.feature_extractor.save_pretrained(folder / "feature_extractor")
+    c.scheduler.save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps(_MODEL_INDEX, indent=2))
     return folder
 
 
 __all__ = ["CLIPCameraProjection", "Zero123Components", "load_zero123_components", "load_zero123_sds",
-           "sds_options", "save_random_zero123", "MODEL_NAME"]
+           "sds_options", "save_random_zero123", "random_zero123_components", "random_zero123_sds", "MODEL_NAME"]

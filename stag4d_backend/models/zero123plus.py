@@ -6,7 +6,7 @@ Folder layout (the Hub repo's, loaded component by component so no custom pipeli
     unet/ vae/ text_encoder/ vision_encoder/   diffusers / transformers models
     tokenizer/                         CLIP BPE (vocab.json, merges.txt)
     feature_extractor_clip/            CLIPImageProcessor, 224 px, CLIP mean/std -> vision encoder
-    feature_extractor_vae/             CLIPImageProcessor, 320 px, mean/std 0.5 -> VAE (sets the tile size)
+    feature_extractor_vae/             CLIPImageProcessor, 320 px, mean/std 0.5 -> VAE (the condition latent)
     scheduler/                         replaced by Euler-ancestral with trailing timesteps, as the authors do
 
 The sampling loop is the official custom pipeline's (a StableDiffusionPipeline around a reference-only UNet)
@@ -36,6 +36,10 @@ GRID_ROWS, GRID_COLS = 3, 2     # six views, row-major: view k at row k // 2, co
 DEFAULT_STEPS = 75
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_SEED = 42
+# Output tile edge: the official pipeline always renders a 640x960 grid (width=640, height=960 are its call's
+# defaults), whatever the condition image's size; feature_extractor_vae's crop (also 320 for the real model)
+# only sizes the condition latent.
+DEFAULT_TILE = 320
 
 # Independent random streams per frame, all derived from the frame's seed.
 _NOISE, _REF_NOISE, _COND_SAMPLE, _NEG_SAMPLE = range(4)
@@ -106,32 +110,18 @@ class Zero123PlusModel:
     path: Path
     device: torch.device
     dtype: torch.dtype
+    tile_size: int = DEFAULT_TILE   # output tile edge in px (the grid is 2 x 3 tiles)
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def tile_size(self) -> int:
-        """Output tile edge in pixels: the VAE condition size (320 for the real model, so a 640x960 grid)."""
-        fe = self.feature_extractor_vae
-        for size in (getattr(fe, "crop_size", None), getattr(fe, "size", None)):
-            if size is None:
-                continue
-            if isinstance(size, (int, float)):
-                return int(size)
-            # a dict in transformers 4, a SizeDict (attributes) in 5
-            get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
-            edge = get("height") or get("shortest_edge")
-            if edge:
-                return int(edge)
-        raise ValueError("feature_extractor_vae has no crop size or size")
-
 
 def load_zero123plus(model_path: str | Path | None = None, device: str | torch.device = "cpu",
-                     dtype: str | torch.dtype | None = None) -> Zero123PlusModel:
+                     dtype: str | torch.dtype | None = None, tile: int | None = None) -> Zero123PlusModel:
     """Load the components from the registry's folder (``model_path`` overrides). MissingWeightsError (from
-    the registry) when absent, ModelLoadError when present but unusable."""
+    the registry) when absent, ModelLoadError when present but unusable. ``tile``: output tile edge in px
+    (default 320, the official 640x960 grid); a multiple of the VAE's downsampling factor."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
@@ -171,10 +161,17 @@ def load_zero123plus(model_path: str | Path | None = None, device: str | torch.d
         feature_extractor_vae=proc.from_pretrained(folder / "feature_extractor_vae"),
         scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
         ramping_coefficients=[float(x) for x in ramp],
-        path=folder, device=device, dtype=dtype)
+        path=folder, device=device, dtype=dtype, tile_size=int(tile or DEFAULT_TILE))
+    check_tile(model.tile_size, model.vae_scale_factor)
     for m in (model.unet, model.vae, model.text_encoder, model.vision_encoder):
         m.to(device).eval().requires_grad_(False)
     return model
+
+
+def check_tile(tile: int, vae_scale_factor: int) -> None:
+    if tile <= 0 or tile % vae_scale_factor:
+        raise ValueError(f"Zero123++ tile {tile} px: must be a positive multiple of the VAE's downsampling "
+                         f"factor {vae_scale_factor} (the official grid uses 320)")
 
 
 @dataclass
@@ -236,8 +233,9 @@ class Zero123PlusSampler:
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def latent_size(self, tile: int | None = None) -> tuple[int, int]:
-        t = tile or self.model.tile_size
+        t = int(tile or self.model.tile_size)
         sf = self.model.vae_scale_factor
+        check_tile(t, sf)
         return GRID_ROWS * t // sf, GRID_COLS * t // sf
 
     @torch.no_grad()
@@ -397,4 +395,63 @@ def full_size_store_bytes(unet_config: dict | None = None, steps: int = DEFAULT_
 
 __all__ = ["Zero123PlusModel", "Zero123PlusSampler", "FrameCondition", "load_zero123plus", "generate_grids",
            "split_grid", "to_rgb_on_grey", "scale_latents", "unscale_latents", "unscale_image", "SamplingStopped",
-           "full_size_store_bytes", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "DEFAULT_SEED"]
+           "full_size_store_bytes", "DEFAULT_TILE", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "DEFAULT_SEED"]
+
+
+# ------------------------------------------------------------------------------------------- full-size configs
+
+# Zero123++ v1.1's architecture as published (sudo-ai/zero123plus-v1.1 model card and component configs; the
+# parameter counts are pinned in tests/test_zero123pp_fusion.py): a Stable Diffusion 2 UNet (4 latent channels,
+# widths 320/640/1280/1280, 5/10/20/20 heads of 64, 1024-d cross-attention, linear projections), the SD VAE, the
+# OpenCLIP ViT-H/14 text tower (1024-d, 23 layers) and CLIP ViT-H/14 vision tower with a 1024-d projection, and
+# SD2's training noise schedule (the sampler swaps in Euler-ancestral with trailing timesteps). For timing with
+# random weights (benchmarks/gpu_check.py); the real weights bring their own configs.
+FULL_SIZE_CONFIG = {
+    "unet": dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+                 cross_attention_dim=1024, use_linear_projection=True, norm_num_groups=32,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, sample_size=768, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4),
+    "text_encoder": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+                         projection_dim=1024),
+    "vision_encoder": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                           image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu"),
+    "feature_extractor_clip": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                   resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                   image_std=[0.26862954, 0.26130258, 0.27577711]),
+    "feature_extractor_vae": dict(size={"shortest_edge": 320}, crop_size={"height": 320, "width": 320}, resample=3,
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3),
+    "scheduler": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", steps_offset=1),
+}
+
+
+def random_zero123plus(tokenizer, device="cpu", dtype=torch.float32, config: dict | None = None,
+                       seed: int = 0) -> Zero123PlusModel:
+    """A Zero123++ with random weights built in memory on ``device`` (full size by default): the real model's
+    shapes and token counts, for timing and memory checks. ``tokenizer``: any CLIPTokenizer padding to 77."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = config or FULL_SIZE_CONFIG
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    text_cfg = dict(cfg["text_encoder"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    with device:  # initialise on the device: seconds instead of minutes for ~2 G parameters on a CPU
+        parts = dict(unet=UNet2DConditionModel(**cfg["unet"]), vae=AutoencoderKL(**cfg["vae"]),
+                     text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
+                     vision_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["vision_encoder"])))
+    for m in parts.values():
+        m.to(dtype=dtype).eval().requires_grad_(False)
+    proc = _image_processor_class()
+    return Zero123PlusModel(**parts, tokenizer=tokenizer,
+                            feature_extractor_clip=proc(**cfg["feature_extractor_clip"]),
+                            feature_extractor_vae=proc(**cfg["feature_extractor_vae"]),
+                            scheduler_config=dict(cfg["scheduler"]),
+                            ramping_coefficients=np.linspace(0.0, 1.0, tokenizer.model_max_length).tolist(),
+                            path=Path("<random>"), device=device, dtype=dtype)

@@ -11,20 +11,56 @@ render_mode="RGB+ED")`` runs for one camera.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-def gsplat_available() -> bool:
-    """True when gsplat imports and a CUDA device is present (gsplat's rasteriser is CUDA only)."""
+@dataclass(frozen=True)
+class GsplatStatus:
+    usable: bool
+    version: str | None   # gsplat.__version__ when it imports
+    reason: str           # why it is not usable ("" when it is)
+
+
+_STATUS: GsplatStatus | None = None
+
+
+def gsplat_status(refresh: bool = False) -> GsplatStatus:
+    """Whether gsplat's CUDA rasteriser can run here: a CUDA device, gsplat importable, and its CUDA extension
+    loaded (a prebuilt wheel, or gsplat's JIT build, which needs nvcc and takes minutes the first time).
+    Computed once per process."""
+    global _STATUS
+    if _STATUS is not None and not refresh:
+        return _STATUS
+    version = None
     if not torch.cuda.is_available():
-        return False
+        _STATUS = GsplatStatus(False, None, "no CUDA device")
+        return _STATUS
     try:
-        import gsplat  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA extension build
-        return False
-    return True
+        import gsplat
+
+        version = str(getattr(gsplat, "__version__", "unknown"))
+    except Exception as exc:  # ImportError, or a broken install
+        _STATUS = GsplatStatus(False, None, f"gsplat is not installed ({type(exc).__name__}: {exc})")
+        return _STATUS
+    try:
+        from gsplat.cuda._backend import _C  # imports the prebuilt extension or JIT-builds it
+    except Exception as exc:  # noqa: BLE001 - any build/load failure means the same fallback
+        _C, why = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    else:
+        why = "the build returned nothing (no CUDA toolkit / nvcc?)"
+    if _C is None:
+        _STATUS = GsplatStatus(False, version, f"gsplat {version}'s CUDA code could not be built or loaded ({why})")
+    else:
+        _STATUS = GsplatStatus(True, version, "")
+    return _STATUS
+
+
+def gsplat_available() -> bool:
+    """True when gsplat's CUDA rasteriser can run here (see gsplat_status)."""
+    return gsplat_status().usable
 
 
 def _import_gsplat_ops():

@@ -6,8 +6,9 @@ for one pinhole camera, with the background composited as ``rgb + (1 - alpha) * 
 
 Backends (``backend=``):
 
-* ``"auto"``: CUDA tensors -> ``"gsplat"``; CPU -> ``"cpp"`` when the compiled compositor is importable,
-  available and the dtype is float32, otherwise ``"torch"``.
+* ``"auto"``: CUDA tensors -> ``"gsplat"`` when gsplat's CUDA code is usable here, otherwise ``"torch"`` on
+  CUDA with one warning per process (gsplat absent, or its CUDA extension cannot be built); CPU -> ``"cpp"``
+  when the compiled compositor is importable, available and the dtype is float32, otherwise ``"torch"``.
 * ``"torch"``: EWA projection in PyTorch (``projection.py``) + tiled PyTorch compositor
   (``composite_torch.py``). Any device, float32 or float64.
 * ``"cpp"``: the compiled CPU projection ``projection_cpp.project_gaussians_cpp`` (same results as
@@ -20,6 +21,7 @@ Backends (``backend=``):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -81,6 +83,29 @@ def _cpp_projection_for(means: Tensor, quats: Tensor, scales: Tensor, opacities:
     return _project_cpp()
 
 
+class GsplatFallbackWarning(RuntimeWarning):
+    """gsplat cannot run on this CUDA machine; the PyTorch rasteriser runs on CUDA instead."""
+
+
+_warned_fallback = False
+
+
+def _cuda_auto_backend() -> str:
+    """"gsplat" if its CUDA code is usable, else "torch" (on CUDA) with one warning per process."""
+    global _warned_fallback
+    from .gsplat_backend import gsplat_status
+
+    st = gsplat_status()
+    if st.usable:
+        return "gsplat"
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"{st.reason}: rendering with the project's PyTorch rasteriser on CUDA instead (same "
+                      f"results, slower; install gsplat>=1.5,<1.6 with a CUDA toolkit for speed, see `stag4d "
+                      f"doctor`)", GsplatFallbackWarning, stacklevel=3)
+    return "torch"
+
+
 def available_backends() -> list[str]:
     """The backends that can run on this machine, best first for their device (for ``stag4d doctor``).
     May build the compiled CPU kernel on first use (see docs/cpu_kernel.md)."""
@@ -101,10 +126,17 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         raise ValueError(f"unknown rasterizer backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         if device.type == "cuda":
-            return "gsplat"
+            return _cuda_auto_backend()
         if dtype == torch.float32 and _load_cpp() is not None:
             return "cpp"
         return "torch"
+    if backend == "gsplat" and device.type == "cuda":
+        from .gsplat_backend import gsplat_status
+
+        st = gsplat_status()
+        if not st.usable:
+            raise RuntimeError(f"backend='gsplat' was requested but {st.reason}; use backend='auto' (the PyTorch "
+                               f"rasteriser on CUDA) or install gsplat>=1.5,<1.6 with a CUDA toolkit")
     if backend == "cpp" and _load_cpp() is None:
         raise RuntimeError(
             "backend='cpp' was requested but the compiled CPU compositor is not available "
@@ -185,4 +217,4 @@ def rasterize(
 
 
 __all__ = ["rasterize", "RasterResult", "resolve_backend", "available_backends", "cpp_compositor_available",
-           "BACKENDS"]
+           "GsplatFallbackWarning", "BACKENDS"]

@@ -9,7 +9,7 @@ batch of later frames, so a later frame never needs anything from an earlier run
 Options (all optional): model_path (or zero123plus_model_path: the request's options are shared by all
 stages), matting_model_path, device, dtype, steps (75), guidance_scale (4.0), seed (42; every frame
 starts from the same noise, as the authors do), per_frame_noise (False), fusion ("lockstep" | "stored" |
-"off"), mid_block_quirk (True = faithful), batch (later frames per batch), tile (px, default from the model),
+"off"), mid_block_quirk (True = faithful), batch (later frames per batch), tile (px, default 320: the official 640x960 grid),
 tile_matting ("auto" | "grey" | "model"), grey_threshold, should_stop (callable).
 """
 
@@ -140,7 +140,7 @@ def run(job, options: dict | None, progress: Callable[[dict], None] | None = Non
 
     device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_zero123plus(opts.get("zero123plus_model_path") or opts["model_path"], device=device,
-                             dtype=opts["dtype"])
+                             dtype=opts["dtype"], tile=opts["tile"])
     matter, matting_used = tile_matter(opts["tile_matting"], opts["grey_threshold"], device,
                                        opts.get("matting_model_path"))
     sampler = Zero123PlusSampler(model)
