@@ -5,7 +5,7 @@
 #   bash install_scripts/install.sh            # auto: CUDA build if an NVIDIA GPU is visible, else CPU
 #   bash install_scripts/install.sh --cpu      # force the CPU build
 #   bash install_scripts/install.sh --cuda     # force a CUDA build (+ gsplat)
-#   bash install_scripts/install.sh --no-test  # skip pytest and bpy (runtime only)
+#   bash install_scripts/install.sh --no-test  # skip pytest, bpy and the glTF validator (runtime only)
 set -euo pipefail
 
 TORCH_VERSION="2.13.0"
@@ -66,6 +66,25 @@ EXTRAS=""
 [ "$WITH_TEST" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}test"
 step "installing the backend (editable)${EXTRAS:+ with extras [$EXTRAS]}"
 "${PIP[@]}" -e "$ROOT${EXTRAS:+[$EXTRAS]}" || fail "pip could not install the backend; see the error above"
+
+GLTF_VALIDATOR_VERSION="2.0.0-dev.3.10"
+if [ "$WITH_TEST" = 1 ]; then
+  # The Khronos glTF validator (npm) for the glTF export tests, into .tools/ (ignored by git). The tests skip
+  # with a reason only where node is absent.
+  if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+    if [ -f "$ROOT/.tools/node_modules/gltf-validator/package.json" ] && grep -q "\"version\": \"$GLTF_VALIDATOR_VERSION\"" \
+        "$ROOT/.tools/node_modules/gltf-validator/package.json"; then
+      step "gltf-validator $GLTF_VALIDATOR_VERSION already installed"
+    else
+      step "installing gltf-validator $GLTF_VALIDATOR_VERSION (npm) into .tools/"
+      mkdir -p "$ROOT/.tools"
+      npm install --no-audit --no-fund --no-save --prefix "$ROOT/.tools" "gltf-validator@$GLTF_VALIDATOR_VERSION" \
+        || fail "npm could not install gltf-validator@$GLTF_VALIDATOR_VERSION"
+    fi
+  else
+    echo "   node/npm not found: the glTF validator tests will be skipped (Debian: apt-get install nodejs npm)"
+  fi
+fi
 
 step "compiling the CPU compositing kernel (cached; the PyTorch compositor is used if this fails)"
 "$PY" -m stag4d_backend.render.composite_cpp --build || true
