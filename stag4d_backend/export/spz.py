@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -123,22 +124,28 @@ class SpzEncoder:
     """Encodes the frames of one fit; ``spz(xyz, rotation, scaling)`` -> .spz bytes (PLY-layout inputs)."""
 
     def __init__(self, f_dc: np.ndarray, f_rest: np.ndarray, opacity_logit: np.ndarray, level: int = ZSTD_LEVEL):
-        import zstandard
-
         self.n = int(np.asarray(f_dc).reshape(-1, 3).shape[0])
         if self.n == 0:
             raise ValueError("SPZ needs at least one Gaussian")
         f_rest = np.asarray(f_rest, dtype=np.float32).reshape(self.n, -1, 3)
         self.sh_degree = sh_degree_of(f_rest.shape[1])
-        self._zstd = zstandard.ZstdCompressor(level=level)
+        self._level = level
+        self._local = threading.local()  # a ZstdCompressor must not be shared between threads
         static = {"alphas": pack_alphas(opacity_logit), "colors": pack_colors(f_dc), "sh": pack_sh(f_rest)}
-        self._static = {k: (self._zstd.compress(v), len(v)) for k, v in static.items() if v}
+        self._static = {k: (self._compress(v), len(v)) for k, v in static.items() if v}
+
+    def _compress(self, data: bytes) -> bytes:
+        import zstandard
+
+        if not hasattr(self._local, "zstd"):
+            self._local.zstd = zstandard.ZstdCompressor(level=self._level)
+        return self._local.zstd.compress(data)
 
     def spz(self, xyz: np.ndarray, rotation: np.ndarray, scaling: np.ndarray) -> bytes:
         streams = dict(self._static)
         for name, raw in (("positions", pack_positions(xyz)), ("scales", pack_scales(scaling)),
                           ("rotations", pack_rotations(rotation))):
-            streams[name] = (self._zstd.compress(raw), len(raw))
+            streams[name] = (self._compress(raw), len(raw))
         order = [streams[name] for name in STREAMS if name in streams]
         header = struct.pack("<IIIBBBBI12x", MAGIC, VERSION, self.n, self.sh_degree, FRACTIONAL_BITS, 0,
                              len(order), HEADER_SIZE)
@@ -154,11 +161,17 @@ def write_spz_sequence(frames: SampledFrames, out_dir: str | os.PathLike,
                        progress: Callable[[int, int], None] | None = None) -> list[Path]:
     """``out_dir/{k:04d}.spz`` for every output frame (the folder is replaced as a whole). Returns the paths."""
     out_dir = Path(out_dir)
+    from concurrent.futures import ThreadPoolExecutor
+
     enc = SpzEncoder(frames.f_dc, frames.f_rest, frames.opacity)
     T = frames.num_frames
-    with atomic_dir(out_dir) as tmp:
-        for k in range(T):
-            (tmp / frame_file_name(k)).write_bytes(enc.spz(frames.xyz[k], frames.rotation[k], frames.scaling[k]))
+
+    def encode(k: int) -> bytes:  # zstd and most of numpy release the GIL: frames encode in parallel
+        return enc.spz(frames.xyz[k], frames.rotation[k], frames.scaling[k])
+
+    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        for k, data in enumerate(pool.map(encode, range(T))):
+            (tmp / frame_file_name(k)).write_bytes(data)
             if progress is not None:
                 progress(k + 1, T)
     return [out_dir / frame_file_name(k) for k in range(T)]
