@@ -296,3 +296,25 @@ def test_spz_refuses_positions_out_of_range():
 
     with pytest.raises(ValueError, match="2048 m"):
         pack_positions(np.array([[0.0, 3000.0, 0.0]]))
+
+
+def test_stale_gltf_outputs_are_removed_with_their_canonical_glb(tmp_path):
+    fit = make_fit_dir(tmp_path / "fit", num_gaussians=60, num_frames=2, fps=8.0)
+    out = tmp_path / "bake"
+    bake(fit, out, formats="gltf,spz")
+    assert (out / "canonical.glb").is_file() and len(list((out / "gltf").iterdir())) == 2
+    res = bake(fit, out, formats="ply", frames=3)  # another frame count: the glTF and SPZ files are stale
+    assert not (out / "gltf").exists() and not (out / "canonical.glb").exists() and not (out / "spz").exists()
+    assert {p.name for p in res.removed} == {"gltf", "canonical.glb", "spz"}
+    assert set(json.loads((out / "bake.json").read_text())["formats"]) == {"ply", "cameras"}
+
+
+def test_server_job_options_accept_the_new_formats():
+    from pydantic import ValidationError
+
+    from stag4d_backend.server.schemas import JobOptions
+
+    assert JobOptions(formats="usd, gltf,spz").formats == "usd,gltf,spz"
+    assert JobOptions(formats=["gltf", "spz"]).formats == "gltf,spz"
+    with pytest.raises(ValidationError, match="unknown format 'glb'"):
+        JobOptions(formats="usd,glb")
