@@ -188,6 +188,11 @@ def test_blender_imports_the_glb_at_the_ply_positions(baked):
         ply = load_ply(out / "ply" / "0002.ply")
         assert len(mesh.vertices) == N and len(mesh.polygons) == 0  # points, not faces
         np.testing.assert_allclose(world, to_blender(ply["xyz"]), atol=1e-6)  # Y-up glTF -> Z-up Blender
+        # The COLOR_0 fallback becomes the mesh's colour attribute (linear RGBA, stored as sRGB bytes).
+        col = np.zeros(N * 4, np.float32)
+        mesh.attributes["Color"].data.foreach_get("color", col)
+        _, a = read_glb(out / "gltf" / "0002.glb")
+        np.testing.assert_allclose(col.reshape(N, 4), a["COLOR_0"] / 65535.0, atol=4e-3)
     finally:
         bpy.ops.wm.read_factory_settings(use_empty=True)
 
