@@ -3,11 +3,17 @@
     .venv/bin/python benchmarks/bake.py                          # 30 frames x 10k / 50k / 200k, both field sizes
     .venv/bin/python benchmarks/bake.py --sizes 50000 --threads 1 2
     .venv/bin/python benchmarks/bake.py --visual /tmp/bake_visual  # creature + fitted motion -> Blender renders
+    .venv/bin/python benchmarks/bake.py --splats --sizes 50000 --fields preview --threads 2 --repeats 5
+                                                                   # per-frame formats: ply, gltf, spz vs raw
 
 Models are built directly (the example creature's Gaussians as the canonical set, a deformation field with random
 time-dependent weights), written in the fit layout, then baked with ``stages.bake.bake``. "raw" is the float32
 size of what changes per frame: T x N x (3 position + 4 orientation + 3 scale) x 4 bytes. Target (30 x 50k, USD):
 at most 2 s and at most 1.5 x raw.
+
+``--splats``: each per-frame format (ply, gltf, spz) baked on its own, median of R runs; "raw" there is every
+attribute a standalone frame needs, in float32: T x N x (3 position + 4 rotation + 3 scale + 1 opacity +
+3 (d+1)^2 SH) x 4 bytes. Targets (30 x 50k): glTF <= 1.2x raw, SPZ <= 0.2x raw, each <= 3 s on 2 cores.
 
 Field sizes: "preview" = the preview preset's (32, 32, 32, 16) x (1, 2), 16 channels; "full" = the authors' /
 standard preset's (64, 64, 64, 25) x (1, 2, 4, 8), 32 channels (35.7 M grid parameters, a 143 MB file to load).
@@ -108,6 +114,65 @@ def markdown(rows) -> str:
                    f"{r['evaluate_s']:.2f} | {r['usd_write_s']:.2f} | {r['usd_bytes'] / 1e6:.1f} | "
                    f"{r['raw_bytes'] / 1e6:.1f} | {r['usd_bytes'] / r['raw_bytes']:.2f} | {r['ply_total_s']:.2f} | "
                    f"{r['ply_bytes'] / 1e6:.0f} |")
+    return "\n".join(out)
+
+
+SPLAT_FORMATS = ("ply", "gltf", "spz")
+
+
+def machine_line() -> str:
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return f"{model}, {os.cpu_count()} CPUs, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+
+
+def run_splat_formats(sizes, fields, frames, threads_list, root: Path, repeats: int) -> list[dict]:
+    """Each per-frame format baked alone (evaluation included), median of ``repeats`` runs."""
+    rows = []
+    for field in fields:
+        for n in sizes:
+            fit = root / f"fit_{field}_{n}"
+            model = creature_model(n)
+            save_fitted(fit, model, random_field(field), {"num_frames": frames, "fps": 24.0, "source_size": 512})
+            raw = frames * n * (3 + 4 + 3 + 1 + 3 * (model.sh_degree + 1) ** 2) * 4
+            for threads in threads_list:
+                for fmt in SPLAT_FORMATS:
+                    runs = []
+                    for _ in range(repeats):
+                        out = root / "bake"
+                        shutil.rmtree(out, ignore_errors=True)
+                        t0 = time.perf_counter()
+                        res = bake(fit, out, formats=fmt, threads=threads)
+                        runs.append((time.perf_counter() - t0, res.timings["evaluate"], res.timings[fmt]))
+                    total, evaluate, write = (float(np.median([r[i] for r in runs])) for i in range(3))
+                    size = dir_size(out / fmt) + (dir_size(out / "canonical.glb") if fmt == "gltf" else 0)
+                    per_frame = dir_size(out / fmt)
+                    row = {"field": field, "N": n, "T": frames, "threads": threads, "format": fmt,
+                           "total_s": total, "evaluate_s": evaluate, "write_s": write, "bytes": size,
+                           "frames_bytes": per_frame, "raw_bytes": raw}
+                    rows.append(row)
+                    print(f"{field:8s} N={n:>7d} threads={threads} {fmt:5s} bake {total:.2f} s (evaluate "
+                          f"{evaluate:.2f}, write {write:.2f})  {per_frame / 1e6:.1f} MB = {per_frame / raw:.3f} x raw",
+                          flush=True)
+            shutil.rmtree(fit, ignore_errors=True)
+    return rows
+
+
+def splat_markdown(rows) -> str:
+    out = ["| field | Gaussians | frames | threads | format | bake (s) | evaluate (s) | write (s) | frame files (MB) "
+           "| raw f32 (MB) | size / raw |",
+           "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['field']} | {r['N']:,} | {r['T']} | {r['threads']} | {r['format']} | {r['total_s']:.2f} | "
+                   f"{r['evaluate_s']:.2f} | {r['write_s']:.2f} | {r['frames_bytes'] / 1e6:.1f} | "
+                   f"{r['raw_bytes'] / 1e6:.1f} | {r['frames_bytes'] / r['raw_bytes']:.3f} |")
     return "\n".join(out)
 
 
@@ -227,7 +292,9 @@ def main() -> int:
     ap.add_argument("--fields", nargs="+", default=["preview", "full"], choices=list(FIELDS))
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
-    ap.add_argument("--repeats", type=int, default=2, help="best of R runs (the machine may be shared)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="best of R runs (the machine may be shared); --splats: median of R runs")
+    ap.add_argument("--splats", action="store_true", help="per-frame formats ply, gltf, spz vs raw float32")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--visual", metavar="OUT_DIR", help="render the baked creature mesh / points in Blender")
     ap.add_argument("--visual-gaussians", type=int, default=12000)
@@ -238,13 +305,16 @@ def main() -> int:
         visual(Path(args.visual), args.visual_gaussians, args.visual_frames, args.mesh_resolution)
         return 0
     root = Path(args.workdir or tempfile.mkdtemp(prefix="stag4d-bake-bench-"))
+    print(machine_line())
     try:
-        rows = run_benchmark(args.sizes, args.fields, args.frames, args.threads, root, args.repeats)
+        run = run_splat_formats if args.splats else run_benchmark
+        rows = run(args.sizes, args.fields, args.frames, args.threads, root, args.repeats)
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
+    print(machine_line())
     print()
-    print(markdown(rows))
+    print(splat_markdown(rows) if args.splats else markdown(rows))
     return 0
 
 

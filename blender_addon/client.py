@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 API = 1
 TERMINAL_STATES = ("finished", "failed", "cancelled", "interrupted")
 # What an import needs from a finished job (PLYs stay on the server unless asked for: 100 MB for 30 x 50k).
+SEQUENCE_PREFIXES = ("bake/gltf/", "bake/spz/", "bake/canonical.glb")
 RESULT_FILES = ("bake/gaussians.usdc", "bake/mesh.usdc", "bake/bake.json", "bake/cameras.json",
                 "bake/preview.mp4", "job.json")
 
@@ -412,6 +413,8 @@ class JobWatcher(threading.Thread):
         for extra in (result.get("usd"), result.get("mesh")):
             if extra and extra in listing and extra not in wanted:
                 wanted.append(extra)
+        # The per-frame splat files, when the job baked them (for the glTF / SPZ exports).
+        wanted += sorted(n for n in listing if n.startswith(SEQUENCE_PREFIXES) and n not in wanted)
         if not any(n.endswith("gaussians.usdc") for n in wanted):
             raise BackendError(f"job {self.job_id} finished but has no bake/gaussians.usdc on the server")
         for name in wanted:

@@ -1,4 +1,6 @@
-"""Export a job's collection: USD (the animated Gaussians, and the mesh if imported) and Alembic (the mesh).
+"""Export a job's collection: USD (the animated Gaussians, and the mesh if imported) and Alembic (the mesh); and
+the job's baked splat sequences (glTF KHR_gaussian_splatting .glb, Niantic .spz per frame), copied as baked: these
+carry every Gaussian attribute (SH included) at full precision, which the imported point cloud does not.
 
 USD: Blender's exporter on the collection's objects with the "Gaussian splats" modifier switched off for the
 duration, so the file holds the animated points with their primvars (displayColor, opacity, scales,
@@ -7,6 +9,7 @@ orientations, widths), not 50k ico-sphere instances. Alembic skips point clouds 
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -97,4 +100,28 @@ def export_alembic(collection, filepath: str | Path, scene=None) -> Path:
     return filepath
 
 
-__all__ = ["export_usd", "export_alembic", "ExportError"]
+SEQUENCES = {"gltf": ("gltf", ".glb", ("canonical.glb",)), "spz": ("spz", ".spz", ())}
+
+
+def export_sequence(job_dir: str | Path, fmt: str, target_dir: str | Path) -> list[Path]:
+    """Copy ``job_dir/bake/<fmt>/*`` (and glTF's canonical.glb) into ``target_dir``; returns the files written."""
+    if fmt not in SEQUENCES:
+        raise ExportError(f"unknown sequence format {fmt!r}")
+    folder, ext, extras = SEQUENCES[fmt]
+    bake = Path(bpy.path.abspath(str(job_dir))).expanduser() / "bake"
+    frames = sorted((bake / folder).glob(f"*{ext}")) if (bake / folder).is_dir() else []
+    if not frames:
+        raise ExportError(f"this job was baked without {fmt}: tick '{'glTF Splats' if fmt == 'gltf' else 'SPZ'}' "
+                          f"under 'Also bake' and generate again, or run `stag4d bake JOB --formats {fmt}` "
+                          f"on the job folder")
+    if not str(target_dir):
+        raise ExportError("choose a folder to export to")
+    target = Path(bpy.path.abspath(str(target_dir))).expanduser()
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for src in frames + [bake / name for name in extras if (bake / name).is_file()]:
+        written.append(Path(shutil.copy2(src, target / src.name)))
+    return written
+
+
+__all__ = ["export_usd", "export_alembic", "export_sequence", "ExportError"]

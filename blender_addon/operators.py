@@ -15,6 +15,8 @@ from . import export, importer, state
 from .preferences import get_prefs, results_dir
 from .props import ACTIVE_STATES
 
+# What a job bakes when nothing is asked (the server's default); the panel's glTF / SPZ boxes add to it.
+BASE_BAKE_FORMATS = ("usd", "ply", "mesh", "preview", "cameras")
 VIDEO_EXT = {".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".gif"}
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".exr"}
 
@@ -58,6 +60,9 @@ def build_request(settings, prefs) -> tuple[str, dict]:
         options["preview_every"] = 0
     elif settings.preview_every:
         options["preview_every"] = int(settings.preview_every)
+    extra = [f for f, on in (("gltf", settings.bake_gltf), ("spz", settings.bake_spz)) if on]
+    if extra:
+        options["formats"] = ",".join(BASE_BAKE_FORMATS + tuple(extra))
     kind = settings.input_kind
     if kind in ("VIDEO", "CLIP", "IMAGE", "BLEND_IMAGE"):
         if settings.max_frames:
@@ -346,7 +351,49 @@ class STAG4D_OT_export_alembic(bpy.types.Operator, ExportHelper):
         return _run_export(self, context, export.export_alembic)
 
 
+class _ExportSequence:
+    """Copy the job's baked per-frame files into a folder the user picks."""
+
+    directory: StringProperty(subtype="DIR_PATH", name="Folder")
+    filter_folder: BoolProperty(default=True, options={"HIDDEN"})
+    key: StringProperty(options={"SKIP_SAVE", "HIDDEN"})
+    fmt = ""
+
+    def invoke(self, context, event):
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context):
+        item = _item(context, self.key)
+        if item is None or not item.directory:
+            self.report({"ERROR"}, "Import the job first")
+            return {"CANCELLED"}
+        try:
+            paths = export.export_sequence(item.directory, self.fmt, self.directory)
+        except export.ExportError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Wrote {len(paths)} files to {Path(paths[0]).parent}")
+        return {"FINISHED"}
+
+
+class STAG4D_OT_export_gltf(_ExportSequence, bpy.types.Operator):
+    """Copy the job's glTF splat files (one .glb per frame, KHR_gaussian_splatting, and canonical.glb) to a folder"""
+
+    bl_idname = "stag4d.export_gltf"
+    bl_label = "Export glTF Splats"
+    fmt = "gltf"
+
+
+class STAG4D_OT_export_spz(_ExportSequence, bpy.types.Operator):
+    """Copy the job's SPZ files (one .spz per frame, Niantic SPZ version 4) to a folder"""
+
+    bl_idname = "stag4d.export_spz"
+    bl_label = "Export SPZ"
+    fmt = "spz"
+
+
 classes = (STAG4D_OT_generate, STAG4D_OT_cancel, STAG4D_OT_resume, STAG4D_OT_import_job, STAG4D_OT_match_camera,
            STAG4D_OT_open_folder,
            STAG4D_OT_remove_job, STAG4D_OT_connect, STAG4D_OT_stop_server, STAG4D_OT_export_usd,
-           STAG4D_OT_export_alembic)
+           STAG4D_OT_export_alembic, STAG4D_OT_export_gltf, STAG4D_OT_export_spz)

@@ -126,6 +126,10 @@ class STAG4D_PT_main(bpy.types.Panel):
         row.prop(settings, "iters")
         row.prop(settings, "preview_every", text="Preview")
         col.prop(settings, "import_mesh")
+        row = col.row(align=True)
+        row.label(text="Also bake:")
+        row.prop(settings, "bake_gltf", toggle=True)
+        row.prop(settings, "bake_spz", toggle=True)
 
         lic = layout.box()
         lic.label(text="Model licences", icon="COPY_ID")
@@ -178,6 +182,11 @@ class STAG4D_PT_job(bpy.types.Panel):
             op = row.operator("stag4d.export_usd", text="USD", icon="EXPORT")
             op.key = item.key
             op = row.operator("stag4d.export_alembic", text="Alembic (mesh)", icon="EXPORT")
+            op.key = item.key
+            row = layout.row(align=True)
+            op = row.operator("stag4d.export_gltf", text="glTF Splats", icon="EXPORT")
+            op.key = item.key
+            op = row.operator("stag4d.export_spz", text="SPZ", icon="EXPORT")
             op.key = item.key
         lines = licence_lines(settings, item) if item.licences else []
         if lines:

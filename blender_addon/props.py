@@ -69,6 +69,11 @@ class STAG4D_SceneSettings(bpy.types.PropertyGroup):
     example_gaussians: IntProperty(name="Gaussians", default=12000, min=100, max=200000)
     import_mesh: BoolProperty(name="Import Mesh", default=False,
                               description="Also import the animated mesh (mesh.usdc) beside the splats")
+    bake_gltf: BoolProperty(name="glTF Splats", default=False,
+                            description="Also bake a .glb per frame (glTF KHR_gaussian_splatting) for the "
+                                        "glTF export")
+    bake_spz: BoolProperty(name="SPZ", default=False,
+                           description="Also bake an .spz per frame (Niantic SPZ, for web viewers) for the SPZ export")
     jobs: CollectionProperty(type=STAG4D_JobItem)
     active_job: IntProperty(name="Job", default=0, min=0)
     status: StringProperty(description="Backend status line (not tied to one job)")

@@ -5,7 +5,7 @@
 #   bash install_scripts/install.sh            # auto: CUDA build if an NVIDIA GPU is visible, else CPU
 #   bash install_scripts/install.sh --cpu      # force the CPU build
 #   bash install_scripts/install.sh --cuda     # force a CUDA build (+ gsplat)
-#   bash install_scripts/install.sh --no-test  # skip pytest and bpy (runtime only)
+#   bash install_scripts/install.sh --no-test  # skip pytest, bpy and the glTF validator (runtime only)
 #   bash install_scripts/install.sh --matting  # also BiRefNet's packages + the torchvision built for this torch
 #   bash install_scripts/install.sh --blender-versions 4.2,4.5   # also side environments .venv-bpy-4.2, ...
 #                                  (bpy wheels of older Blender releases for the version-matrix test; 'all':
@@ -117,6 +117,25 @@ installed. Matting stays unavailable: give RGBA input, or --matting color-key / 
   PINS="$(mktemp)"; printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" >"$PINS"
   "${PIP[@]}" -c "$PINS" -e "$ROOT[matting]" || fail "could not install the [matting] extra; see the error above"
   rm -f "$PINS"
+fi
+
+GLTF_VALIDATOR_VERSION="2.0.0-dev.3.10"
+if [ "$WITH_TEST" = 1 ]; then
+  # The Khronos glTF validator (npm) for the glTF export tests, into .tools/ (ignored by git). The tests skip
+  # with a reason only where node is absent.
+  if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+    if [ -f "$ROOT/.tools/node_modules/gltf-validator/package.json" ] && grep -q "\"version\": \"$GLTF_VALIDATOR_VERSION\"" \
+        "$ROOT/.tools/node_modules/gltf-validator/package.json"; then
+      step "gltf-validator $GLTF_VALIDATOR_VERSION already installed"
+    else
+      step "installing gltf-validator $GLTF_VALIDATOR_VERSION (npm) into .tools/"
+      mkdir -p "$ROOT/.tools"
+      npm install --no-audit --no-fund --no-save --prefix "$ROOT/.tools" "gltf-validator@$GLTF_VALIDATOR_VERSION" \
+        || fail "npm could not install gltf-validator@$GLTF_VALIDATOR_VERSION"
+    fi
+  else
+    echo "   node/npm not found: the glTF validator tests will be skipped (Debian: apt-get install nodejs npm)"
+  fi
 fi
 
 step "compiling the CPU compositing kernel (cached; the PyTorch compositor is used if this fails)"

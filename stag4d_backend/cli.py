@@ -35,7 +35,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iters", type=int, help="fit steps (the preset's schedule is rescaled)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
     g.add_argument("--guidance", choices=["anchors", "sds", "sds+anchors"], help="default: the preset's")
-    g.add_argument("--formats", help="bake formats (default: usd,ply,mesh,preview,cameras)")
+    g.add_argument("--formats", help="bake formats: comma list of usd, ply, gltf, spz, mesh, preview, cameras, "
+                   "or all (default: usd,ply,mesh,preview,cameras)")
     g.add_argument("--fusion", choices=["lockstep", "stored", "off"],
                    help="Zero123++ temporal-anchor fusion mode (default: lockstep)")
     g.add_argument("--anchor-steps", type=int, help="Zero123++ denoising steps (default 75, as the authors)")
@@ -66,9 +67,11 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--turntable", metavar="MP4", help="also write a turntable video to this path")
 
-    b = sub.add_parser("bake", help="bake per-frame Gaussians to USD / PLY / mesh / preview (OUT_DIR/bake)")
+    b = sub.add_parser("bake", help="bake per-frame Gaussians to USD / PLY / glTF / SPZ / mesh / preview "
+                       "(OUT_DIR/bake)")
     b.add_argument("out_dir", help="a fit output folder, or a job folder with model/")
-    b.add_argument("--formats", default="usd,ply", help="comma list of usd, ply, mesh, preview, cameras, or all")
+    b.add_argument("--formats", default="usd,ply",
+                   help="comma list of usd, ply, gltf, spz, mesh, preview, cameras, or all")
     b.add_argument("--fps", type=float, help="playback rate (default: the input's, else 24)")
     b.add_argument("--frames", type=int, help="resample the motion at N evenly spaced times")
     b.add_argument("--mesh-resolution", type=int, default=128)

@@ -347,7 +347,7 @@ def test_bad_input_is_one_line_and_writes_nothing(small_fit, tmp_path):
     cases = [
         (dict(fit_dir=tmp_path / "empty"), FittedModelError, "meta.json"),
         (dict(fit_dir=tmp_path / "missing"), BakeError, "no such directory"),
-        (dict(formats="usd,gltf"), BakeError, "unknown format 'gltf'"),
+        (dict(formats="usd,gltf2"), BakeError, "unknown format 'gltf2'"),
         (dict(formats=""), BakeError, "no format"),
         (dict(fps=0), BakeError, "--fps"),
         (dict(fps=float("nan")), BakeError, "--fps"),

@@ -53,10 +53,11 @@ def addon():
 
 @pytest.fixture(scope="module")
 def job_dir(tmp_path_factory) -> Path:
-    """A finished job folder: model/ (1500 Gaussians, 4 frames at 12 fps) and bake/ (usd, ply, mesh, cameras)."""
+    """A finished job folder: model/ (1500 Gaussians, 4 frames at 12 fps) and bake/ (usd, ply, gltf, spz, mesh,
+    cameras)."""
     job = tmp_path_factory.mktemp("addonjob") / "job"
     make_fit_dir(job / "model", num_gaussians=N, num_frames=4, fps=12.0)
-    bake(job / "model", job / "bake", formats="usd,ply,mesh,cameras", mesh_resolution=40)
+    bake(job / "model", job / "bake", formats="usd,ply,gltf,spz,mesh,cameras", mesh_resolution=40)
     return job
 
 
@@ -458,6 +459,42 @@ def test_panel_draws_inputs_status_and_errors(scene, job_dir):
     assert ("prop", f'["{splat_nodes._input_id(settings.jobs[-1].gaussians.modifiers[-1].node_group, "Points")}"]',
             "Points Display") in log
     assert ("operator", "stag4d.export_usd", "USD") in log
+    assert ("operator", "stag4d.export_gltf", "glTF Splats") in log and ("operator", "stag4d.export_spz", "SPZ") in log
+
+
+def test_export_gltf_and_spz_sequences(scene, job_dir, tmp_path):
+    bpy.ops.stag4d.import_job(directory=str(job_dir))
+    item = scene.stag4d.jobs[0]
+    assert bpy.ops.stag4d.export_gltf(directory=str(tmp_path / "glb"), key=item.key) == {"FINISHED"}
+    assert bpy.ops.stag4d.export_spz(directory=str(tmp_path / "spz"), key=item.key) == {"FINISHED"}
+    assert sorted(p.name for p in (tmp_path / "glb").iterdir()) == ["0000.glb", "0001.glb", "0002.glb", "0003.glb",
+                                                                   "canonical.glb"]
+    assert sorted(p.name for p in (tmp_path / "spz").iterdir()) == [f"{k:04d}.spz" for k in range(4)]
+    for k in (0, 3):
+        assert (tmp_path / "spz" / f"{k:04d}.spz").read_bytes() == (job_dir / "bake" / "spz" / f"{k:04d}.spz"
+                                                                     ).read_bytes()
+    # A job baked without them: one clear line, nothing written.
+    bare = tmp_path / "bare"
+    (bare / "bake").mkdir(parents=True)
+    from blender_addon import export
+
+    with pytest.raises(export.ExportError, match="baked without spz.*--formats spz"):
+        export.export_sequence(bare, "spz", tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+def test_bake_format_boxes_add_to_the_request(scene):
+    from blender_addon import operators
+    from blender_addon.preferences import get_prefs
+
+    settings = scene.stag4d
+    settings.input_kind = "EXAMPLE"
+    _, request = operators.build_request(settings, get_prefs())
+    assert "formats" not in request["options"]  # the server's default
+    settings.bake_gltf = settings.bake_spz = True
+    _, request = operators.build_request(settings, get_prefs())
+    assert request["options"]["formats"] == "usd,ply,mesh,preview,cameras,gltf,spz"
+    settings.bake_gltf = settings.bake_spz = False
 
 
 def test_generate_validates_inputs_without_touching_the_network(scene, tmp_path):

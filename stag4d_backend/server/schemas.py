@@ -12,14 +12,15 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 PRESETS = ("paper", "standard", "preview", "tiny")
-BAKE_FORMATS = ("usd", "ply", "mesh", "preview", "cameras")
+BAKE_FORMATS = ("usd", "ply", "gltf", "spz", "mesh", "preview", "cameras")
 STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
 STAGES = ("example", "video", "preprocess", "anchors", "fit", "bake")
 INT31 = 2**31 - 1
 
 
-_Format = Literal["usd", "ply", "mesh", "preview", "cameras", "all"]
-_FORMATS_RE = r"^ *(usd|ply|mesh|preview|cameras|all) *(, *(usd|ply|mesh|preview|cameras|all) *)*$"
+_Format = Literal["usd", "ply", "gltf", "spz", "mesh", "preview", "cameras", "all"]
+_FORMATS_RE = (r"^ *(usd|ply|gltf|spz|mesh|preview|cameras|all) *"
+               r"(, *(usd|ply|gltf|spz|mesh|preview|cameras|all) *)*$")
 
 
 class JobOptions(BaseModel):
@@ -49,7 +50,8 @@ class JobOptions(BaseModel):
     matting: Literal["auto", "model", "none", "white-key", "color-key"] | None = None
     fusion: Literal["lockstep", "stored", "off"] | None = Field(None, description="Zero123++ temporal fusion")
     formats: Annotated[str, Field(pattern=_FORMATS_RE)] | Annotated[list[_Format], Field(min_length=1)] | None = \
-        Field(None, description="bake formats: a comma list (or list) of usd, ply, mesh, preview, cameras, or all")
+        Field(None, description="bake formats: a comma list (or list) of usd, ply, gltf, spz, mesh, preview, "
+                    "cameras, or all")
     example_frames: int | None = Field(None, ge=1, le=64, description="kind example only")
     example_size: int | None = Field(None, ge=16, le=1024, description="kind example only")
     example_gaussians: int | None = Field(None, ge=10, le=200_000, description="kind example only")

@@ -5,6 +5,9 @@ deformation at every output frame (batched, see ``export.frames``) and writes, p
 
 - ``usd``:     ``gaussians.usdc``, UsdGeomPoints + UsdVol ParticleField3DGaussianSplat, time-sampled;
 - ``ply``:     ``ply/{k:04d}.ply``, per-frame 3DGS PLY, same count and order in every frame;
+- ``gltf``:    ``gltf/{k:04d}.glb``, per-frame glTF with KHR_gaussian_splatting (``export.gltf_splats``), plus
+  ``canonical.glb`` (the fit's canonical Gaussians);
+- ``spz``:     ``spz/{k:04d}.spz``, per-frame Niantic SPZ version 4 (``export.spz``);
 - ``mesh``:    ``mesh.usdc``, animated fixed-topology mesh (marching cubes of the canonical density);
 - ``preview``: ``preview.mp4``, turntable video (``stages.render.render_turntable``);
 - always:      ``cameras.json`` (input view + six anchors, with Blender camera matrices; format name ``cameras``)
@@ -49,14 +52,16 @@ from ..fitted import CANONICAL, DEFORMATION, META, FittedModelError, load_fitted
 
 ProgressFn = Callable[[dict], None]
 
-FORMATS = ("usd", "ply", "mesh", "preview", "cameras")
+FORMATS = ("usd", "ply", "gltf", "spz", "mesh", "preview", "cameras")
 DEFAULT_FORMATS = ("usd", "ply")
 DEFAULT_FPS = 24.0
 MAX_FRAMES = 100_000
 MANIFEST = "bake.json"
 MESH_MOTIONS = ("gaussians", "field")
-OUTPUTS = {"usd": "gaussians.usdc", "ply": "ply", "mesh": "mesh.usdc", "preview": "preview.mp4",
-           "cameras": "cameras.json"}
+OUTPUTS = {"usd": "gaussians.usdc", "ply": "ply", "gltf": "gltf", "spz": "spz", "mesh": "mesh.usdc",
+           "preview": "preview.mp4", "cameras": "cameras.json"}
+EXTRA_OUTPUTS = {"gltf": ("canonical.glb",)}  # further files of a format, beside OUTPUTS[format]
+SEQUENCE_FORMATS = ("usd", "ply", "gltf", "spz")  # the formats written from the per-frame evaluation
 
 
 class BakeError(ValueError):
@@ -248,7 +253,7 @@ def bake(fit_dir: str | Path, bake_dir: str | Path, formats: str | Iterable[str]
             files["mesh"] = [path]
             emit(f"wrote mesh.usdc ({mesh_info['vertices']} vertices)", [path])
         sampled = None
-        if "usd" in formats or "ply" in formats:
+        if any(f in formats for f in SEQUENCE_FORMATS):
             from ..export.frames import sample_frames
 
             t0 = time.perf_counter()
@@ -272,6 +277,22 @@ def bake(fit_dir: str | Path, bake_dir: str | Path, formats: str | Iterable[str]
             files["ply"] = write_ply_sequence(sampled, bake_dir / OUTPUTS["ply"])
             timings["ply"] = time.perf_counter() - t0
             emit(f"wrote {T} PLY files", [bake_dir / OUTPUTS["ply"]])
+        if "gltf" in formats:
+            from ..export.gltf_splats import write_canonical_glb, write_gltf_sequence
+
+            t0 = time.perf_counter()
+            files["gltf"] = write_gltf_sequence(sampled, bake_dir / OUTPUTS["gltf"], out_fps, custom)
+            files["gltf"].append(write_canonical_glb(animated.model.params, bake_dir / EXTRA_OUTPUTS["gltf"][0],
+                                                     dict(custom, fps=out_fps)))
+            timings["gltf"] = time.perf_counter() - t0
+            emit(f"wrote {T} glTF files and canonical.glb", [bake_dir / OUTPUTS["gltf"]])
+        if "spz" in formats:
+            from ..export.spz import write_spz_sequence
+
+            t0 = time.perf_counter()
+            files["spz"] = write_spz_sequence(sampled, bake_dir / OUTPUTS["spz"])
+            timings["spz"] = time.perf_counter() - t0
+            emit(f"wrote {T} SPZ files", [bake_dir / OUTPUTS["spz"]])
         sampled = None
         if "preview" in formats:
             from .render import render_turntable
@@ -299,10 +320,12 @@ def bake(fit_dir: str | Path, bake_dir: str | Path, formats: str | Iterable[str]
         target = bake_dir / OUTPUTS[fmt]
         if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint and target.exists():
             entries[fmt] = entry
-        elif target.exists():
-            _remove(target)
-            removed.append(target)
-            notes.append(f"removed stale {target.name} (baked from another fit, frame count or fps)")
+            continue
+        for stale in (target, *(bake_dir / name for name in EXTRA_OUTPUTS.get(fmt, ()))):
+            if stale.exists():
+                _remove(stale)
+                removed.append(stale)
+                notes.append(f"removed stale {stale.name} (baked from another fit, frame count or fps)")
     for fmt in written:
         entries[fmt] = {"fingerprint": fingerprint, "files": [str(p.relative_to(bake_dir)) for p in files[fmt]]}
     elapsed = time.perf_counter() - t_start
