@@ -179,4 +179,52 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: FitConfig, *, sds: Score
                       resumed_from, tuple(notes))
 
 
-__all__ = ["fit", "FitOutcome", "FitError", "DataError", "resolve_guidance", "resolve_device"]
+# -- the stage contract (pipeline) --------------------------------------------------------------------------
+
+def load_sds_if_present(cfg: FitConfig, guidance_explicit: bool, local_path=None):
+    """Zero123-XL SDS when the preset uses it and the weights are installed; None otherwise (the fit then falls
+    back to the anchor views and says so, unless SDS was asked for explicitly)."""
+    if "sds" not in cfg.guidance:
+        return None
+    from ..models.registry import MissingWeightsError
+
+    try:
+        from ..models.zero123_xl import load_zero123_sds, sds_options
+
+        return load_zero123_sds(device=cfg.device, local_path=local_path, **sds_options(cfg))
+    except MissingWeightsError:
+        if guidance_explicit:
+            raise
+        return None
+
+
+def stage_config(options: dict) -> FitConfig:
+    """The fit configuration of a request's fit section (preset, iters, resolution, device, seed, guidance,
+    checkpoint_every)."""
+    from ..config import config_from_options
+
+    return config_from_options(options)
+
+
+def is_done(job, options: dict) -> bool:
+    return (job.model_dir / META).is_file()
+
+
+def run(job, options: dict, progress: ProgressFn | None = None, should_stop=None) -> dict:
+    """Fit the job's frames into JOB/model, with live previews every ``preview_every`` steps (default: every
+    checkpoint; 0 = off). Stopped, it checkpoints and raises JobStopped; run again, it resumes there."""
+    from ..export.live_preview import PreviewHook
+    from ..job import JobStopped
+
+    cfg = stage_config(options)
+    explicit = bool(options.get("guidance"))
+    hook = PreviewHook(job.path, job.emit, every=options.get("preview_every"))
+    out = fit(job.frames_dir, job.model_dir, cfg, sds=load_sds_if_present(cfg, explicit),
+              guidance_explicit=explicit, progress=progress, should_stop=should_stop, **hook.fit_kwargs(cfg))
+    if out.status == "cancelled":
+        raise JobStopped(f"stopped at fit step {out.iterations}", step=out.iterations)
+    return {"iterations": out.iterations, "num_gaussians": out.num_gaussians, "notes": list(out.notes),
+            "resumed_from": out.resumed_from}
+
+
+__all__ = ["run", "is_done", "load_sds_if_present", "fit", "FitOutcome", "FitError", "DataError", "resolve_guidance", "resolve_device"]

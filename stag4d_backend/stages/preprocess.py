@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 
 from .. import __version__
 from ..atomic import atomic_dir, remove_stale_temps, write_json
+from ..job import check_stop
 
 ProgressFn = Callable[[dict], None]
 
@@ -326,15 +327,11 @@ def _open_image(path: Path) -> Image.Image:
     return im
 
 
-def _check_stop(options: dict) -> None:
-    stop = options.get("should_stop")
-    if stop is not None and stop():
-        from ..generate import Cancelled
-
-        raise Cancelled("cancelled during preprocess")
+def _check_stop(should_stop) -> None:
+    check_stop(should_stop, "cancelled during preprocess")
 
 
-def _pick_frames(frames, to_image, count: int, sel: Selection, path: Path, options: dict,
+def _pick_frames(frames, to_image, count: int, sel: Selection, path: Path, should_stop,
                  progress: ProgressFn) -> tuple[list[int], list[Image.Image], float, tuple[int, int]]:
     """Walk a decoder's frames once, converting only the kept ones. With a known length (``count`` > 0) the kept
     indices are fixed up front; otherwise (some webm/mkv) they are chosen on the fly with the same rule."""
@@ -370,7 +367,7 @@ def _pick_frames(frames, to_image, count: int, sel: Selection, path: Path, optio
             if len(images) >= MAX_FRAMES:
                 raise PreprocessError(f"{path}: more than {MAX_FRAMES} frames selected; use --stride, --frames "
                                       f"or --end to keep fewer")
-        _check_stop(options)
+        _check_stop(should_stop)
         try:
             im = to_image(frame)
         except Exception as exc:  # noqa: BLE001
@@ -399,15 +396,15 @@ def _av_to_image(frame) -> Image.Image:
     return im
 
 
-def _read_video(path: Path, sel: Selection, options: dict, progress: ProgressFn) -> Clip:
+def _read_video(path: Path, sel: Selection, should_stop, progress: ProgressFn) -> Clip:
     try:
         import av
     except ImportError:  # pragma: no cover - av is a dependency; imageio-ffmpeg is the fallback
-        return _read_video_imageio(path, sel, options, progress, "PyAV is not installed")
+        return _read_video_imageio(path, sel, should_stop, progress, "PyAV is not installed")
     try:
         container = av.open(str(path))
     except Exception as exc:  # noqa: BLE001 - any FFmpeg/OS error: try the other reader, then report
-        return _read_video_imageio(path, sel, options, progress, str(exc))
+        return _read_video_imageio(path, sel, should_stop, progress, str(exc))
     with container:
         if not container.streams.video:
             raise PreprocessError(f"{path}: has no video stream; give a video (mp4, mov, webm) or images")
@@ -423,11 +420,11 @@ def _read_video(path: Path, sel: Selection, options: dict, progress: ProgressFn)
             except Exception as exc:  # noqa: BLE001
                 raise PreprocessError(f"{path}: the video is corrupt ({exc}); re-export it") from None
         kept, images, scale, orig = _pick_frames(container.decode(stream), _av_to_image, count, sel, path,
-                                                 options, progress)
+                                                 should_stop, progress)
     return Clip("video", str(path), fps, kept, images, scale, orig)
 
 
-def _read_video_imageio(path: Path, sel: Selection, options: dict, progress: ProgressFn, why: str) -> Clip:
+def _read_video_imageio(path: Path, sel: Selection, should_stop, progress: ProgressFn, why: str) -> Clip:
     """Fallback reader (imageio-ffmpeg's own ffmpeg binary) for files PyAV's FFmpeg build cannot open."""
     reason = why.strip().splitlines()[0][:200] if why and why.strip() else "unknown format"
     try:
@@ -443,7 +440,7 @@ def _read_video_imageio(path: Path, sel: Selection, options: dict, progress: Pro
         count = 0
         if sel.stride == "auto":
             count = reader.count_frames()
-        kept, images, scale, orig = _pick_frames(iter(reader), Image.fromarray, count, sel, path, options,
+        kept, images, scale, orig = _pick_frames(iter(reader), Image.fromarray, count, sel, path, should_stop,
                                                  progress)
     finally:
         reader.close()
@@ -475,7 +472,7 @@ def _frame_files(folder: Path) -> tuple[list[Path], dict]:
     return sorted(files, key=lambda p: _natural_key(p.name)), meta
 
 
-def _read_sequence(folder: Path, sel: Selection, options: dict, progress: ProgressFn) -> Clip:
+def _read_sequence(folder: Path, sel: Selection, should_stop, progress: ProgressFn) -> Clip:
     files, meta = _frame_files(folder)
     if not files:
         raise PreprocessError(f"{folder}: no images found (png, jpg, webp, bmp, tiff); put the frames there "
@@ -483,7 +480,7 @@ def _read_sequence(folder: Path, sel: Selection, options: dict, progress: Progre
     kept = sel.indices(len(files), str(folder))
     images, size, scale, orig = [], None, 1.0, (0, 0)
     for n, i in enumerate(kept):
-        _check_stop(options)
+        _check_stop(should_stop)
         p = files[i]
         if not p.is_file():
             raise PreprocessError(f"{p}: listed in {VIDEO_META} but missing; regenerate the video")
@@ -507,7 +504,7 @@ def _read_sequence(folder: Path, sel: Selection, options: dict, progress: Progre
     return Clip("sequence", str(folder), fps, kept, images, scale, orig, meta.get("matting"))
 
 
-def _read_image(path: Path, sel: Selection, options: dict, progress: ProgressFn) -> Clip:
+def _read_image(path: Path, sel: Selection, should_stop, progress: ProgressFn) -> Clip:
     im = _open_image(path)
     n = getattr(im, "n_frames", 1)
     if n > 1:  # animated GIF / APNG / WebP: a clip; fps from the first frame's duration
@@ -516,7 +513,7 @@ def _read_image(path: Path, sel: Selection, options: dict, progress: ProgressFn)
         fps = 1000.0 / duration if duration else None
         images, scale, orig = [], 1.0, (0, 0)
         for k, i in enumerate(kept):
-            _check_stop(options)
+            _check_stop(should_stop)
             im.seek(i)  # frames are decoded in order; seek replays the ones in between
             fr = im.copy()
             fr = to_rgb_or_rgba(fr, f"{path} frame {i}")
@@ -542,21 +539,19 @@ def _is_video_file(path: Path) -> bool:
     return found is not None and found[0] == "video"
 
 
-def read_clip(path: str | Path, sel: Selection, options: dict | None = None,
-              progress: ProgressFn | None = None) -> Clip:
+def read_clip(path: str | Path, sel: Selection, should_stop=None, progress: ProgressFn | None = None) -> Clip:
     """Decode the kept frames of a video file, a folder of images or an image file (RGB or RGBA PIL images)."""
-    options = options or {}
     progress = progress or (lambda s: None)
     path = Path(path).expanduser()
     if path.is_dir():
-        clip = _read_sequence(path, sel, options, progress)
+        clip = _read_sequence(path, sel, should_stop, progress)
     elif path.is_file():
         if path.stat().st_size == 0:
             raise PreprocessError(f"{path}: the file is empty")
         if _is_video_file(path):
-            clip = _read_video(path, sel, options, progress)
+            clip = _read_video(path, sel, should_stop, progress)
         else:
-            clip = _read_image(path, sel, options, progress)
+            clip = _read_image(path, sel, should_stop, progress)
     else:
         raise PreprocessError(f"{path}: no such file or folder")
     clip.images = [to_rgb_or_rgba(im, clip.source) for im in clip.images]
@@ -588,7 +583,8 @@ MATTING_SAYS = {"input": "the input itself", "model": "the BiRefNet matting mode
                 "white-key": "a white-background key", "color-key": "a uniform-background colour key"}
 
 
-def matte_clip(clip: Clip, mode: str, options: dict, progress: ProgressFn) -> tuple[list[Image.Image], str, str]:
+def matte_clip(clip: Clip, mode: str, options: dict, progress: ProgressFn,
+               should_stop=None) -> tuple[list[Image.Image], str, str]:
     """RGBA frames for the clip, how the alpha was obtained ("input", "model", "white-key", "color-key") and one
     line saying so (for 'auto', also why: users must know when a key stood in for the model)."""
     images = clip.images
@@ -628,7 +624,7 @@ def matte_clip(clip: Clip, mode: str, options: dict, progress: ProgressFn) -> tu
 
         out = []
         for i, im in enumerate(images):
-            _check_stop(options)
+            _check_stop(should_stop)
             out.extend(matting.matte([im.convert("RGB")], device=options.get("device") or "auto",
                                      local_path=options.get("matting_model_path")))
             progress({"phase": "matte", "step": i + 1, "total": n, "message": "matting"})
@@ -636,7 +632,7 @@ def matte_clip(clip: Clip, mode: str, options: dict, progress: ProgressFn) -> tu
         color = (255, 255, 255) if mode == "white-key" else None
         out = []
         for i, im in enumerate(images):
-            _check_stop(options)
+            _check_stop(should_stop)
             out.append(color_key(im, color, name=f"{clip.source} (frame {clip.indices[i]})"))
             progress({"phase": "matte", "step": i + 1, "total": n, "message": f"keying out the background ({mode})"})
     return [clean_alpha(im) for im in out], mode, said
@@ -680,7 +676,7 @@ def is_done(job, options: dict) -> bool:
         int(meta.get("frames", 0)) > 0
 
 
-def run(job, options: dict, progress: ProgressFn | None = None) -> dict:
+def run(job, options: dict, progress: ProgressFn | None = None, should_stop=None) -> dict:
     """Decode, select, matte, crop and write frames/ref/{f}_rgba.png + frames/meta.json (see module doc)."""
     progress = progress or (lambda s: None)
     t0 = time.perf_counter()
@@ -689,8 +685,8 @@ def run(job, options: dict, progress: ProgressFn | None = None) -> dict:
     size, fraction = req["size"], req["fraction"]
     frames_dir = Path(job.frames_dir)
 
-    clip = read_clip(req["input"], sel, options, progress)
-    rgba, matting_used, matting_said = matte_clip(clip, req["matting"], options, progress)
+    clip = read_clip(req["input"], sel, should_stop, progress)
+    rgba, matting_used, matting_said = matte_clip(clip, req["matting"], options, progress, should_stop)
 
     boxes = []
     for i, im in enumerate(rgba):
@@ -706,7 +702,7 @@ def run(job, options: dict, progress: ProgressFn | None = None) -> dict:
     n = len(rgba)
     with atomic_dir(frames_dir / "ref") as tmp:
         for f, im in enumerate(rgba):
-            _check_stop(options)
+            _check_stop(should_stop)
             crop_square(im, crop, size).save(tmp / f"{f}_rgba.png", compress_level=4)
             progress({"phase": "write", "step": f + 1, "total": n, "message": f"writing frame {f}"})
         # From here the old ref/ is replaced: its meta.json and the anchors made from it are stale.
