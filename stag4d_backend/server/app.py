@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from .. import __version__
+from ..job import TERMINAL_STATES
 from .auth import token_matches
 from .downloads import SnapshotResponse, open_snapshot
 from .events import EventHub
@@ -413,8 +414,7 @@ def create_app(settings: Settings, manager: JobManager | None = None, on_shutdow
                     continue
                 if log.closed:
                     return
-                if log.ended and await run_in_threadpool(_state_now, job_id) in ("finished", "failed", "cancelled",
-                                                                                   "deleted"):
+                if log.ended and await run_in_threadpool(_state_now, job_id) in TERMINAL_STATES + ("deleted",):
                     return
                 if not await hub.wait(log, n, KEEPALIVE_S):
                     if not log.closed:

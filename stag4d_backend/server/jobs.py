@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..job import EVENTS_FILE, JOB_FILE, Job
+from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, Job
 from .files import is_job_id, job_path, new_job_id
 from .worker import CANCEL_FILE, LOCK_FILE
 
-TERMINAL = ("finished", "failed", "cancelled")
 SERVER_LOCK = ".server.lock"
 TRASH_DIR = ".trash"
 UPLOAD_DIR = ".uploads"
@@ -271,7 +270,7 @@ class JobManager:
                 state = Job(self.jobs_dir / job_id).read().get("state")
             except (OSError, ValueError):
                 continue
-            if state in TERMINAL or state == "interrupted":
+            if state in ENDED_STATES:
                 continue  # the worker recorded how it ended
             if r.cancel_requested:
                 self._server_write(job_id, "cancelled", message="the worker did not stop in time and was killed")
@@ -383,7 +382,7 @@ class JobManager:
         path = self._dir(job_id)
         with self._cond:
             state = Job(path).read().get("state")
-            if job_id in self._queue or (job_id in self._running and state not in TERMINAL + ("interrupted",)):
+            if job_id in self._queue or (job_id in self._running and state not in ENDED_STATES):
                 return  # already waiting or running
             if state == "finished":
                 raise JobError(409, f"job {job_id} has finished; there is nothing to resume")
