@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import __version__
-from .request import BAKE_FORMATS, DEFAULT_BAKE_FORMATS
+from .request import BAKE_FORMATS, BAKE_OUTPUTS, DEFAULT_BAKE_FORMATS
 
 EXIT_USAGE = 2          # bad input: a clear one-line message, nothing half-written
 EXIT_MISSING_WEIGHTS = 4  # a stage needs model weights that are not installed (the message says which)
@@ -109,6 +109,7 @@ def _parse_frames(text: str | None) -> list[int] | None:
 def _fit(args) -> int:
     from .config import config_from_options
     from .dataset import DataError
+    from .device import DeviceError
     from .stages.fit import FitError, fit
     from .progress import FitProgressBar
 
@@ -134,7 +135,7 @@ def _fit(args) -> int:
     try:
         outcome = fit(args.data_dir, args.output, cfg, sds=sds, guidance_explicit=args.guidance is not None,
                       frames=frames, progress=bar.update if bar else None)
-    except (DataError, FitError) as exc:
+    except (DataError, DeviceError, FitError) as exc:
         print(f"stag4d fit: {exc}", file=sys.stderr)
         return EXIT_USAGE
     finally:
@@ -266,9 +267,10 @@ def _generate(args) -> int:
     _print_summary(stage_summary(job, since))
     bake = Path(job.path).resolve() / "bake"
     if args.example:
-        print(EXAMPLE_NOTE.format(job=Path(job.path).resolve(), usd=bake / "gaussians.usdc", mesh=bake / "mesh.usdc"))
+        print(EXAMPLE_NOTE.format(job=Path(job.path).resolve(), usd=bake / BAKE_OUTPUTS["usd"],
+                                  mesh=bake / BAKE_OUTPUTS["mesh"]))
     else:
-        print(f"Wrote {job.path}; open {bake / 'gaussians.usdc'} in Blender (File > Import > USD) or use the "
+        print(f"Wrote {job.path}; open {bake / BAKE_OUTPUTS['usd']} in Blender (File > Import > USD) or use the "
               f"add-on.")
     return 0
 

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ..atomic import atomic_dir, remove_stale_temps
+from ..device import resolve_device
 from ..job import JobStopped
 
 NUM_VIEWS = 6
@@ -132,7 +133,7 @@ def run(job, options: dict | None, progress: Callable[[dict], None] | None = Non
     if not todo:
         return {"frames": num, "generated": 0}
 
-    device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(opts["device"]))
     model = load_zero123plus(opts.get("zero123plus_model_path") or opts["model_path"], device=device,
                              dtype=opts["dtype"])
     matter, matting_used = tile_matter(opts["tile_matting"], opts["grey_threshold"], device,

@@ -19,6 +19,7 @@ import torch
 from .. import __version__
 from ..config import GUIDANCE_CHOICES, FitConfig
 from ..dataset import DataError, load_frames
+from ..device import resolve_device
 from ..fitted import CANONICAL, DEFORMATION, META, save_fitted
 from ..fitting.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from ..fitting.trainer import Trainer
@@ -40,15 +41,6 @@ class FitOutcome:
     elapsed_s: float
     resumed_from: int = 0
     notes: tuple[str, ...] = ()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FitError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return dev
 
 
 def resolve_guidance(cfg: FitConfig, sds: ScoreDistillation | None, explicit: bool, has_anchors: bool

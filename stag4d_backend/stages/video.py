@@ -32,8 +32,8 @@ from PIL import Image, ImageOps
 from .. import __version__
 from ..atomic import atomic_dir, remove_stale_temps
 from ..job import check_stop as raise_if_stopped
-from .preprocess import (PreprocessError, clip_crop_box, color_key, crop_square, has_alpha, matting_problem,
-                         same_request, to_rgb_or_rgba)
+from ..media.image import MediaError, clip_crop_box, color_key, crop_square, has_alpha, to_rgb_or_rgba
+from .preprocess import matting_problem, same_request
 
 ProgressFn = Callable[[dict], None]
 
@@ -137,7 +137,7 @@ def cut_out(im: Image.Image, options: dict, assume_white: bool, name: str) -> tu
     try:
         return color_key(im, WHITE if assume_white else None, name=name), ("white-key" if assume_white
                                                                            else "color-key")
-    except PreprocessError:
+    except MediaError:
         raise VideoError(f"{name}: the image has no alpha and its background is not a uniform colour, and "
                          f"{problem}") from None
 
