@@ -19,7 +19,6 @@ checkpoints first; the others write atomically, so the previous outputs stay int
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 import traceback
@@ -45,7 +44,10 @@ class Stage:
 
     @property
     def module(self):
-        return importlib.import_module(f"{__package__}.stages.{self.name}")
+        from .stages import anchors, bake, example, fit, preprocess, video  # torch: only when a stage runs
+
+        return {"example": example, "video": video, "preprocess": preprocess, "anchors": anchors, "fit": fit,
+                "bake": bake}[self.name]
 
     def is_done(self, job: Job) -> bool:
         return self.module.is_done(job, self.options)

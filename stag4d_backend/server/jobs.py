@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, Job
+from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, STATES, Job
 from .files import is_job_id, job_path, new_job_id
 from .worker import CANCEL_FILE, LOCK_FILE
 
@@ -424,3 +424,22 @@ class JobManager:
     @property
     def upload_dir(self) -> Path:
         return self.jobs_dir / UPLOAD_DIR
+
+
+def job_view(manager: JobManager, hub, job_id: str) -> dict:
+    """The API's view of one job (schemas.JobOut): job.json's fields, the live cancel flag, the newest event
+    number (``hub``: the server's EventHub) and the queue position. JobError 404 for an unknown job."""
+    path, data, live = manager.read(job_id)
+    log = hub.log(job_id)
+    log.refresh()
+    state = data.get("state") or "queued"
+    state = "queued" if state == "created" else state
+    if state not in STATES:
+        state = "failed"
+    request = data.get("request") or {}
+    return {"id": job_id, "state": state, "kind": str(request.get("kind") or "unknown"), "request": request,
+            "created": float(data.get("created") or 0.0), "updated": data.get("updated"),
+            "stage": data.get("stage"), "progress": data.get("progress"), "error": data.get("error"),
+            "last_event": log.last_n, "result": data.get("result"), "licences": data.get("licences") or [],
+            "cancel_requested": live["cancel_requested"] and state == "running", "device": data.get("device"),
+            "queue_position": manager.queue_position(job_id)}
