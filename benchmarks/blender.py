@@ -116,7 +116,7 @@ def render_blender(scene, orbit, frame: int, out_png: Path, engine: str = "CYCLE
 
 def backend_render(job_dir: Path, orbit, frame: int) -> np.ndarray:
     from stag4d_backend.fitted import load_fitted
-    from stag4d_backend.stages.render import render_rgba
+    from stag4d_backend.export.turntable import render_rgba
 
     animated, _ = load_fitted(job_dir / "model")
     return render_rgba(animated, orbit, frame)

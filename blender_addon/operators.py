@@ -296,7 +296,7 @@ class STAG4D_OT_stop_server(bpy.types.Operator):
     bl_label = "Stop Server"
 
     def execute(self, context):
-        from .server_process import MANAGER
+        from .backend.server_process import MANAGER
 
         MANAGER.stop()
         state.STATUS.update(text="Local server stopped", error=False, busy=False, url="")

@@ -8,7 +8,7 @@ import bpy
 from . import splat_nodes, state
 from .preferences import get_prefs
 from .props import ACTIVE_STATES
-from .server_process import MANAGER
+from .backend.server_process import MANAGER
 
 # Which registry models each input kind runs through (stag4d_backend/models/registry.py); the job object's
 # own "licences" list replaces this once the server has accepted a job.

@@ -6,10 +6,23 @@ import argparse
 import sys
 
 from . import __version__
+from .request import BAKE_FORMATS, BAKE_OUTPUTS, DEFAULT_BAKE_FORMATS
 
 EXIT_USAGE = 2          # bad input: a clear one-line message, nothing half-written
 EXIT_MISSING_WEIGHTS = 4  # a stage needs model weights that are not installed (the message says which)
 
+
+
+def _add_request_flags(parser: argparse.ArgumentParser) -> None:
+    """`stag4d generate`'s request flags, from the one table of request options (request.OPTIONS)."""
+    from .request import OPTIONS
+
+    for opt in OPTIONS:
+        if opt.cli:
+            kind = {int: int, float: float}.get(opt.type)
+            # An unknown --preset gets config's message (exit 2) rather than argparse's, as it always did.
+            choices = opt.choices if opt.name != "preset" else None
+            parser.add_argument(opt.flag, dest=opt.name, type=kind, choices=choices, help=opt.help)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -25,26 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="text prompt instead of an input file")
     g.add_argument("--example", action="store_true", help="run the bundled example (CPU, minutes)")
     g.add_argument("-o", "--output", required=True, help="job directory")
-    g.add_argument("--preset", default=None, help="paper, standard, preview or tiny (default: standard on a CUDA "
-                   "GPU, preview on a CPU)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--frames", type=int, help="keep at most N frames of the input (evenly spaced)")
-    g.add_argument("--stride", help="keep every k-th input frame, or 'auto' (with --frames: cover the whole clip)")
-    g.add_argument("--start", type=int, help="first input frame")
-    g.add_argument("--end", type=int, help="last input frame (exclusive)")
-    g.add_argument("--iters", type=int, help="fit steps (the preset's schedule is rescaled)")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
-    g.add_argument("--guidance", choices=["anchors", "sds", "sds+anchors"], help="default: the preset's")
-    g.add_argument("--formats", help="bake formats: comma list of usd, ply, gltf, spz, mesh, preview, cameras, "
-                   "or all (default: usd,ply,mesh,preview,cameras)")
-    g.add_argument("--fusion", choices=["lockstep", "stored", "off"],
-                   help="Zero123++ temporal-anchor fusion mode (default: lockstep)")
-    g.add_argument("--anchor-steps", type=int, help="Zero123++ denoising steps (default 75, as the authors)")
-    g.add_argument("--anchor-tile", type=int, help="Zero123++ output tile edge in px (default 320: the official "
-                   "640x960 grid)")
-    g.add_argument("--matting", choices=["auto", "model", "none", "white-key", "color-key"],
-                   help="how an input without alpha is cut out (default auto: the matting model when installed)")
-    g.add_argument("--video-frames", type=int, help="image/prompt input: frames the video model generates")
+    _add_request_flags(g)
 
     f = sub.add_parser("fit", help="fit 4D Gaussians to a STAG4D-layout data directory")
     f.add_argument("data_dir")
@@ -70,8 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bake", help="bake per-frame Gaussians to USD / PLY / glTF / SPZ / mesh / preview "
                        "(OUT_DIR/bake)")
     b.add_argument("out_dir", help="a fit output folder, or a job folder with model/")
-    b.add_argument("--formats", default="usd,ply",
-                   help="comma list of usd, ply, gltf, spz, mesh, preview, cameras, or all")
+    b.add_argument("--formats", help="comma list of " + ", ".join(BAKE_FORMATS) + ", or all (default: "
+                   + ",".join(DEFAULT_BAKE_FORMATS) + ", as a job)")
     b.add_argument("--fps", type=float, help="playback rate (default: the input's, else 24)")
     b.add_argument("--frames", type=int, help="resample the motion at N evenly spaced times")
     b.add_argument("--mesh-resolution", type=int, default=128)
@@ -116,6 +110,7 @@ def _parse_frames(text: str | None) -> list[int] | None:
 def _fit(args) -> int:
     from .config import config_from_options
     from .dataset import DataError
+    from .device import DeviceError
     from .stages.fit import FitError, fit
     from .progress import FitProgressBar
 
@@ -127,13 +122,13 @@ def _fit(args) -> int:
     except ValueError as exc:
         print(f"stag4d fit: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from .generate import load_sds_if_present
     from .models.registry import MissingWeightsError, ModelLoadError
+    from .stages.fit import load_sds_if_present
 
     try:
         # Zero123-XL when the guidance uses SDS and the weights are installed; a preset's default falls back to
         # the anchor views without them (the fit says so), an explicit --guidance sds stops here.
-        sds = load_sds_if_present(cfg, {"guidance": args.guidance})
+        sds = load_sds_if_present(cfg, args.guidance is not None)
     except (MissingWeightsError, ModelLoadError) as exc:
         print(f"stag4d fit: {exc}", file=sys.stderr)
         return EXIT_MISSING_WEIGHTS
@@ -141,7 +136,7 @@ def _fit(args) -> int:
     try:
         outcome = fit(args.data_dir, args.output, cfg, sds=sds, guidance_explicit=args.guidance is not None,
                       frames=frames, progress=bar.update if bar else None)
-    except (DataError, FitError) as exc:
+    except (DataError, DeviceError, FitError) as exc:
         print(f"stag4d fit: {exc}", file=sys.stderr)
         return EXIT_USAGE
     finally:
@@ -160,7 +155,7 @@ def _fit(args) -> int:
 
 def _render(args) -> int:
     from .fitted import FittedModelError
-    from .stages.render import CamerasError, render_cameras, render_turntable
+    from .export.turntable import CamerasError, render_cameras, render_turntable
 
     if not args.cameras and not args.turntable:
         print("stag4d render: give --cameras CAMERAS.json and/or --turntable OUT.mp4", file=sys.stderr)
@@ -183,7 +178,7 @@ def _bake(args) -> int:
 
     bars = None if args.quiet else StageProgressBars()
     try:
-        res = bake_job(args.out_dir, formats=args.formats, fps=args.fps, frames=args.frames,
+        res = bake_job(args.out_dir, formats=args.formats or DEFAULT_BAKE_FORMATS, fps=args.fps, frames=args.frames,
                        mesh_resolution=args.mesh_resolution, threads=args.threads or None,
                        progress=(lambda ev: bars.update("bake", ev)) if bars else None)
     except CLI_ERRORS as exc:
@@ -215,93 +210,69 @@ def _print_summary(summary: dict) -> None:
         print(f"  {stage}: done{took}{note}")
 
 
-def _generate_from_input(args) -> int:
-    """`stag4d generate INPUT|--prompt TEXT -o JOB_DIR`: every stage it can, then stops at missing weights."""
-    from pathlib import Path
-
-    from .generate import RequestError, generative_stages, make_request
-    from .job import Job
-    from .models.registry import MissingWeightsError, ModelLoadError
-    from .pipeline import run_stages
-    from .progress import StageProgressBars
-
-    if args.input is None and args.prompt is None:
-        print("stag4d generate: give a video/image file or folder, --prompt TEXT, or --example", file=sys.stderr)
-        return EXIT_USAGE
-    if args.input is not None and args.prompt is not None:
-        print("stag4d generate: give either an input file or --prompt, not both", file=sys.stderr)
-        return EXIT_USAGE
-    formats = args.formats.split(",") if args.formats else None
-    try:
-        request = make_request(args.input, args.prompt, preset=args.preset, seed=args.seed, frames=args.frames,
-                               stride=args.stride, start=args.start, end=args.end, iters=args.iters,
-                               device=args.device, guidance=args.guidance, formats=formats, fusion=args.fusion,
-                               anchor_steps=args.anchor_steps, anchor_tile=args.anchor_tile, matting=args.matting,
-                               video_frames=args.video_frames)
-        stages = generative_stages(request)  # checks the options before anything is written
-        job = Job(args.output)
-        if (job.path / "job.json").is_file() and job.read().get("request") != request:
-            raise RequestError(f"{job.path} holds another job; choose a new folder (or delete it to start over)")
-        job.create(request)
-    except (RequestError, ValueError) as exc:  # ValueError: e.g. an unknown --preset
-        print(f"stag4d generate: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    bars = StageProgressBars()
-    try:
-        summary = run_stages(job, stages, progress=bars.update)
-    except (MissingWeightsError, ModelLoadError) as exc:
-        bars.close()
-        print(f"stag4d generate: stopped: {exc}", file=sys.stderr)
-        print(f"Everything before this stage is saved in {job.path}; run the same command again to go on.",
-              file=sys.stderr)
-        return EXIT_MISSING_WEIGHTS
-    except (RequestError, ValueError) as exc:
-        bars.close()
-        print(f"stag4d generate: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        bars.close()
-    _print_summary(summary)
-    bake = Path(job.path).resolve() / "bake"
-    print(f"Wrote {job.path}; open {bake / 'gaussians.usdc'} in Blender (File > Import > USD) or use the add-on.")
-    return 0
-
-
-def _generate(args) -> int:
-    if not args.example:
-        return _generate_from_input(args)
-    if args.input or args.prompt:
-        print("stag4d generate: --example takes no input file or prompt", file=sys.stderr)
-        return EXIT_USAGE
-    import dataclasses
-    from pathlib import Path
-
-    from .config import get_preset
-    from .pipeline import generate_example
-    from .progress import StageProgressBars
-
-    try:
-        cfg = get_preset(args.preset or "preview")
-    except ValueError as exc:
-        print(f"stag4d generate: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.seed is not None:
-        cfg = dataclasses.replace(cfg, seed=args.seed)
-    bars = StageProgressBars()
-    try:
-        summary = generate_example(args.output, cfg, progress=bars.update)
-    finally:
-        bars.close()
-    job = Path(args.output).resolve()
-    _print_summary(summary)
-    print(f"""
+EXAMPLE_NOTE = """
 Wrote the example job to {job}
   frames/   the input in the STAG4D layout (ref/ front views, zero123/ the six anchor views per frame)
   model/    the fitted 4D Gaussians (canonical.ply, deformation.safetensors, meta.json)
   bake/     gaussians.usdc (animated points + splats), ply/ (per-frame 3DGS PLY), mesh.usdc, preview.mp4,
             cameras.json
-Open it in Blender: File > Import > Universal Scene Description, choose {job / 'bake' / 'gaussians.usdc'}
-  (or {job / 'bake' / 'mesh.usdc'} for the animated mesh), then press play.""")
+Open it in Blender: File > Import > Universal Scene Description, choose {usd}
+  (or {mesh} for the animated mesh), then press play."""
+
+
+def _generate(args) -> int:
+    """`stag4d generate INPUT|--prompt TEXT|--example -o JOB_DIR`: the request's stages through the orchestrator
+    (as the server's worker runs them); without weights it does every stage it can, then stops."""
+    from pathlib import Path
+
+    from .job import Job
+    from .pipeline import run_job, stage_summary, stages_for
+    from .progress import StageProgressBars
+    from .request import OPTIONS, RequestError, make_request
+
+    if not args.example and args.input is None and args.prompt is None:
+        print("stag4d generate: give a video/image file or folder, --prompt TEXT, or --example", file=sys.stderr)
+        return EXIT_USAGE
+    if args.input is not None and args.prompt is not None:
+        print("stag4d generate: give either an input file or --prompt, not both", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        request = make_request(args.input, args.prompt, example=args.example,
+                               **{o.name: getattr(args, o.name) for o in OPTIONS if o.cli})
+        stages_for(request)  # checks the options before anything is written
+        job = Job(args.output)
+        if (job.path / "job.json").is_file() and job.read().get("request") != request:
+            raise RequestError(f"{job.path} holds another job; choose a new folder (or delete it to start over)")
+        job.create(request)
+    except ValueError as exc:  # RequestError, or e.g. an unknown --preset
+        print(f"stag4d generate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    since = len(job.events())
+    bars = StageProgressBars()
+    try:
+        state = run_job(job.path, bars.update)
+    finally:
+        bars.close()
+    data = job.read()
+    if state != "finished":
+        kind = data.get("error_kind")
+        if kind == "missing_weights":
+            print(f"stag4d generate: stopped: {data.get('error')}", file=sys.stderr)
+            print(f"Everything before this stage is saved in {job.path}; run the same command again to go on.",
+                  file=sys.stderr)
+            return EXIT_MISSING_WEIGHTS
+        if kind == "internal" and data.get("traceback"):
+            print(data["traceback"], file=sys.stderr)
+        print(f"stag4d generate: {data.get('error') or state}", file=sys.stderr)
+        return EXIT_USAGE if kind == "request" else 1
+    _print_summary(stage_summary(job, since))
+    bake = Path(job.path).resolve() / "bake"
+    if args.example:
+        print(EXAMPLE_NOTE.format(job=Path(job.path).resolve(), usd=bake / BAKE_OUTPUTS["usd"],
+                                  mesh=bake / BAKE_OUTPUTS["mesh"]))
+    else:
+        print(f"Wrote {job.path}; open {bake / BAKE_OUTPUTS['usd']} in Blender (File > Import > USD) or use the "
+              f"add-on.")
     return 0
 
 

@@ -7,6 +7,10 @@
     JOB_DIR/bake/           exports
 
 Stages skip themselves when their outputs exist, so a killed job resumes where it stopped.
+
+This module owns the job's states and the one stop signal: a stage is handed ``should_stop`` (a callable) and
+raises :class:`JobStopped` at a step boundary when it returns true; the orchestrator (``pipeline``) records the
+stop as the state ``cancelled`` (asked for) or ``interrupted`` (the server went away).
 """
 
 from __future__ import annotations
@@ -16,12 +20,36 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .atomic import write_json
 
 JOB_FILE = "job.json"
 EVENTS_FILE = "events.jsonl"
+
+# The job's states, in the order a job meets them. "interrupted" is a stop the user did not ask for (the server
+# shut down); such a job resumes when the server starts again.
+STATES = ("created", "queued", "running", "finished", "failed", "cancelled", "interrupted")
+TERMINAL_STATES = ("finished", "failed", "cancelled")        # nothing more will happen to the job
+ENDED_STATES = TERMINAL_STATES + ("interrupted",)           # no worker runs it now
+
+ShouldStop = Callable[[], bool]
+
+
+class JobStopped(RuntimeError):
+    """A stage stopped at a step boundary because ``should_stop()`` said so; the job directory is consistent and
+    the job resumes where it stopped. ``step`` is the last step done, when known."""
+
+    def __init__(self, message: str = "stopped", step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+def check_stop(should_stop: ShouldStop | None, message: str) -> None:
+    """Raise JobStopped(message) when a stop was asked for."""
+    if should_stop is not None and should_stop():
+        raise JobStopped(message)
 
 
 class Job:

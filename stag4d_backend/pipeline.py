@@ -1,144 +1,109 @@
-"""Stages over one job directory, each skipped when its outputs exist.
+"""The one orchestrator: a request -> its stages -> run over one job directory.
 
-``generate_example`` / ``example_stages``: the embedded example (``stag4d generate --example``): a procedural
-animated creature with exact anchor views is written in the STAG4D layout (no weights, no GPU needed), then fitted
-and baked. ``run_job(job_dir, should_stop)`` runs whatever request a job.json holds (the server's worker calls it):
-the example, or the generative stages of ``generate.py`` for a video, an image, a folder or a prompt, with
-progress and live-preview events in events.jsonl and the job's state in job.json.
+    prompt --video (text -> image -> video)--+
+    image  --video (image -> video)----------+--> preprocess --> anchors --> fit --> bake
+    video / image-sequence folder -----------+
+    example ------------------------------------------------> example --> fit --> bake
 
-Stopping: ``should_stop()`` reaches the fit (checked at every step boundary; the fit checkpoints, so the job
-resumes there) and the progress callback of every other stage (which then raises ``JobCancelled``; stages write
-atomically, so an interrupted stage leaves the previous outputs intact). Run again on the same directory, a job
-skips finished stages and resumes the fit from its last checkpoint.
+``stages_for(request)`` composes the stages of a request (job.json's ``request``); ``run_job(job_dir, progress,
+should_stop)`` runs (or resumes) the request of a job directory, with progress and live-preview events in
+events.jsonl and the job's state in job.json. `stag4d generate` (an input, a prompt or --example) and the
+server's worker both call ``run_job``.
+
+Every stage module keeps one contract: ``is_done(job, options)`` and ``run(job, options, progress, should_stop)``,
+where ``options`` is the stage's own section of the request (``request.stage_options``). Stages skip themselves
+when their outputs exist, so running the same request again resumes it. Stopping: ``should_stop()`` is checked
+before each stage and handed to every stage, which raises ``job.JobStopped`` at a step boundary (the fit
+checkpoints first; the others write atomically, so the previous outputs stay intact).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import FitConfig, get_preset
-from .job import Job
+from .job import Job, JobStopped, ShouldStop
+from .request import (BAKE_OUTPUTS, EXAMPLE_FRAMES, EXAMPLE_GAUSSIANS, EXAMPLE_SIZE, RequestError, check_options,
+                      request_kind, stage_options)
 
-EXAMPLE_FRAMES = 16
-EXAMPLE_SIZE = 256
-EXAMPLE_GAUSSIANS = 12000
-EXAMPLE_FPS = 12.0
-EXAMPLE_BAKE_FORMATS = ("usd", "ply", "mesh", "preview", "cameras")
 PROGRESS_INTERVAL_S = 0.1   # at most one progress event per stage per interval (first and last step always)
 STATE_INTERVAL_S = 1.0      # job.json "progress" is refreshed at most this often
-TERMINAL_STATES = ("finished", "failed", "cancelled")
 
 StageProgress = Callable[[str, dict], None]
 
 
-class JobCancelled(RuntimeError):
-    """A stage stopped at a step boundary because the job was asked to stop; the directory is consistent and the
-    job resumes where it stopped. Stages may raise it (or a subclass) when their ``should_stop`` is true;
-    ``step`` is the last step done, when known."""
-
-    def __init__(self, message: str = "stopped", step: int | None = None):
-        super().__init__(message)
-        self.step = step
-
-
 @dataclass
 class Stage:
+    """One stage of a request: the stage module (``stag4d_backend.stages.NAME``) and its section of options."""
     name: str
-    done: Callable[[Job], bool]
-    run: Callable[[Job, StageProgress], dict]
+    options: dict = field(default_factory=dict)
+
+    @property
+    def module(self):
+        from .stages import anchors, bake, example, fit, preprocess, video  # torch: only when a stage runs
+
+        return {"example": example, "video": video, "preprocess": preprocess, "anchors": anchors, "fit": fit,
+                "bake": bake}[self.name]
+
+    def is_done(self, job: Job) -> bool:
+        return self.module.is_done(job, self.options)
+
+    def run(self, job: Job, progress: Callable[[dict], None], should_stop: ShouldStop | None) -> dict:
+        return self.module.run(job, self.options, progress, should_stop)
 
 
-def _example_frames_stage(frames: int, size: int, gaussians: int) -> Stage:
-    def done(job: Job) -> bool:
-        return (job.frames_dir / "zero123" / f"{frames - 1}_rgba" / "5.png").is_file()
-
-    def run(job: Job, progress: StageProgress) -> dict:
-        """Render the creature's front and anchor views into a temporary folder, then move it into place."""
-        from .example_scene import ExampleCreature, write_stag4d_layout
-
-        tmp = job.path / ".frames.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_stag4d_layout(ExampleCreature(gaussians, seed=0), tmp, frames, size, size,
-                            on_frame=lambda f: progress("example", {"step": f + 1, "total": frames}))
-        (tmp / "meta.json").write_text(json.dumps({"fps": EXAMPLE_FPS, "source": "stag4d example creature"}) + "\n")
-        shutil.rmtree(job.frames_dir, ignore_errors=True)
-        tmp.replace(job.frames_dir)
-        return {"frames": frames, "size": size}
-
-    return Stage("example", done, run)
+def _input_path(job_dir: Path | None, request: dict) -> str:
+    raw = request.get("input") or request.get("path")
+    if not raw:
+        raise RequestError("the request names no input file")
+    path = Path(raw)
+    return str(path if path.is_absolute() or job_dir is None else job_dir / path)
 
 
-def fit_stage(cfg: FitConfig, should_stop: Callable[[], bool] | None = None, fit_kwargs: dict | None = None,
-               lazy_kwargs: Callable[[], dict] | None = None) -> Stage:
-    """``lazy_kwargs()`` adds fit arguments made only when the fit runs (loading the SDS weights, say)."""
-    from .fitted import META
+def stages_for(request: dict, job_dir: str | Path | None = None, device: str | None = None) -> list[Stage]:
+    """The stages of ``request`` in order, each with its own options; RequestError for a request that cannot run.
+    ``device`` (the server's worker) overrides the request's; relative inputs are relative to ``job_dir``."""
+    kind = request_kind(request)
+    options = check_options(dict(request.get("options") or {}, **({"device": device} if device else {})))
+    request = dict(request, options=options)
+    job_dir = Path(job_dir) if job_dir is not None else None
 
-    def done(job: Job) -> bool:
-        return (job.model_dir / META).is_file()
+    def section(name: str, **extra) -> Stage:
+        return Stage(name, dict(stage_options(request, name), **extra))
 
-    def run(job: Job, progress: StageProgress) -> dict:
-        from .stages.fit import fit
-
-        kwargs = dict(fit_kwargs or {}, **(lazy_kwargs() if lazy_kwargs else {}))
-        out = fit(job.frames_dir, job.model_dir, cfg, progress=lambda s: progress("fit", s),
-                  should_stop=should_stop, **kwargs)
-        if out.status == "cancelled":
-            raise JobCancelled(f"stopped at fit step {out.iterations}", step=out.iterations)
-        return {"iterations": out.iterations, "num_gaussians": out.num_gaussians, "notes": list(out.notes),
-                "resumed_from": out.resumed_from}
-
-    return Stage("fit", done, run)
-
-
-def bake_stage(formats, fps: float | None = None) -> Stage:
-    def done(job: Job) -> bool:
-        return (job.bake_dir / "bake.json").is_file()
-
-    def run(job: Job, progress: StageProgress) -> dict:
-        from .stages.bake import bake
-
-        res = bake(job.model_dir, job.bake_dir, formats=formats, fps=fps, progress=lambda s: progress("bake", s))
-        return {"files": [p.relative_to(job.path).as_posix() if p.is_relative_to(job.path) else str(p)
-                          for p in res.paths]}
-
-    return Stage("bake", done, run)
-
-
-def example_stages(cfg: FitConfig | None = None, frames: int = EXAMPLE_FRAMES, size: int = EXAMPLE_SIZE,
-                   gaussians: int = EXAMPLE_GAUSSIANS, formats=EXAMPLE_BAKE_FORMATS,
-                   should_stop: Callable[[], bool] | None = None, fit_kwargs: dict | None = None) -> list[Stage]:
-    cfg = cfg or get_preset("preview")
-    return [_example_frames_stage(frames, size, gaussians), fit_stage(cfg, should_stop, fit_kwargs),
-            bake_stage(formats)]
-
-
-def _is_stop(exc: BaseException, should_stop: Callable[[], bool] | None) -> bool:
-    """A stage ended because the job was asked to stop: JobCancelled, or any error raised once a stop was asked
-    (a stage's own cancellation exception)."""
-    if isinstance(exc, JobCancelled):
-        return True
-    return isinstance(exc, Exception) and should_stop is not None and bool(should_stop())
+    if kind == "example":
+        fit = section("fit")
+        fit.options.setdefault("preset", "preview")  # minutes on a CPU
+        return [section("example"), fit, section("bake")]
+    stages = []
+    if kind == "prompt":
+        stages.append(section("video", kind="prompt", prompt=request.get("prompt") or ""))
+    elif kind == "image":
+        stages.append(section("video", kind="image", image=_input_path(job_dir, request)))
+    generated = kind in ("image", "prompt")
+    video_dir = str(job_dir / "video") if job_dir is not None else "video"
+    stages += [section("preprocess", input=video_dir if generated else _input_path(job_dir, request)),
+               section("anchors"), section("fit"), section("bake")]
+    return stages
 
 
 def run_stages(job: Job, stages: list[Stage], progress: StageProgress | None = None, *,
-               should_stop: Callable[[], bool] | None = None, stop_state: Callable[[], str] | None = None,
+               should_stop: ShouldStop | None = None, stop_state: Callable[[], str] | None = None,
                on_finished: Callable[[dict], dict] | None = None) -> dict:
     """Run each stage whose outputs are missing; log stage events to the job's events.jsonl.
 
-    ``should_stop`` is checked before each stage; a stage that stops (``JobCancelled``) gets a ``stage_stopped``
-    event, the job the state ``stop_state()`` (default "cancelled"), and the exception propagates.
-    ``on_finished(summary)`` returns extra job.json fields written with the final state."""
+    ``should_stop`` is checked before each stage and handed to it; a stage that stops (``JobStopped``) gets a
+    ``stage_stopped`` event, the job the state ``stop_state()`` (default "cancelled"), and the exception
+    propagates. ``on_finished(summary)`` returns extra job.json fields written with the final state."""
     progress = progress or (lambda stage, stats: None)
     summary = {}
     job.update(state="running")
     for stage in stages:
-        if stage.done(job):
+        if stage.is_done(job):
             job.emit("stage_skipped", stage=stage.name)
             summary[stage.name] = "skipped (outputs exist)"
             continue
@@ -146,37 +111,48 @@ def run_stages(job: Job, stages: list[Stage], progress: StageProgress | None = N
         t0 = time.perf_counter()
         try:
             if should_stop is not None and should_stop():
-                raise JobCancelled(f"stopped before {stage.name}")
-            result = stage.run(job, progress)
+                raise JobStopped(f"stopped before {stage.name}")
+            result = stage.run(job, lambda stats, name=stage.name: progress(name, stats), should_stop)
+        except JobStopped as exc:
+            state = stop_state() if stop_state else "cancelled"
+            job.emit("stage_stopped", stage=stage.name, state=state, message=str(exc),
+                     **({"step": exc.step} if exc.step is not None else {}))
+            job.update(state=state)
+            raise
         except BaseException as exc:
-            if _is_stop(exc, should_stop):
-                state = stop_state() if stop_state else "cancelled"
-                step = getattr(exc, "step", None)
-                job.emit("stage_stopped", stage=stage.name, state=state, message=str(exc),
-                         **({"step": step} if step is not None else {}))
-                job.update(state=state)
-                raise exc if isinstance(exc, JobCancelled) else JobCancelled(str(exc)) from exc
             job.emit("stage_failed", stage=stage.name, error=_one_line(exc))
             job.update(state="failed", error=_one_line(exc))
             raise
         elapsed = round(time.perf_counter() - t0, 2)
-        if isinstance(result, dict) and result.get("licences"):  # the models a stage used, kept in job.json
-            known = {lic.get("model"): lic for lic in job.read().get("licences") or []}
-            known.update({lic.get("model"): lic for lic in result["licences"]})
-            job.update(licences=list(known.values()))
-        if isinstance(result, dict) and result.get("record"):  # facts a stage keeps in job.json (e.g. matting)
-            job.update(**result["record"])
+        _record(job, result)
         job.emit("stage_finished", stage=stage.name, elapsed_s=elapsed, result=result)
         summary[stage.name] = dict(result, elapsed_s=elapsed)
     job.update(state="finished", error=None, **(on_finished(summary) if on_finished else {}))
     return summary
 
 
-def generate_example(job_dir: str | Path, cfg: FitConfig | None = None, progress: StageProgress | None = None,
-                     **example_options) -> dict:
-    """The example job end to end; ``example_options`` (frames, size, gaussians, formats) are for tests."""
-    job = Job(job_dir).create({"kind": "example", "preset": (cfg or get_preset("preview")).preset})
-    return run_stages(job, example_stages(cfg, **example_options), progress)
+def _record(job: Job, result) -> None:
+    """Facts a stage keeps in job.json: the models it used (licences) and e.g. how it matted (record)."""
+    if isinstance(result, dict) and result.get("licences"):
+        known = {lic.get("model"): lic for lic in job.read().get("licences") or []}
+        known.update({lic.get("model"): lic for lic in result["licences"]})
+        job.update(licences=list(known.values()))
+    if isinstance(result, dict) and result.get("record"):
+        job.update(**result["record"])
+
+
+def generate_example(job_dir: str | Path, cfg=None, progress: StageProgress | None = None, *,
+                     frames: int = EXAMPLE_FRAMES, size: int = EXAMPLE_SIZE, gaussians: int = EXAMPLE_GAUSSIANS,
+                     formats=None) -> dict:
+    """The example job's stages on their own (no job events beyond the stages', no live previews): for tests and
+    benchmarks. ``cfg`` names the preset (and seed); ``frames``, ``size``, ``gaussians`` shrink the example."""
+    options = {"example_frames": frames, "example_size": size, "example_gaussians": gaussians,
+               "formats": ",".join(formats) if formats and not isinstance(formats, str) else formats,
+               "preset": cfg.preset if cfg is not None else None, "seed": cfg.seed if cfg is not None else None,
+               "preview_every": 0}
+    request = {"kind": "example", "options": check_options(options)}
+    job = Job(job_dir).create(request)
+    return run_stages(job, stages_for(request, job.path), progress)
 
 
 # --------------------------------------------------------------------------------------------------- run_job
@@ -199,11 +175,11 @@ def job_result(job: Job) -> dict | None:
     except (OSError, ValueError):
         return None
 
-    def rel(name: str) -> str | None:
-        return f"bake/{name}" if (job.bake_dir / name).exists() else None
+    def rel(fmt: str) -> str | None:
+        return f"bake/{BAKE_OUTPUTS[fmt]}" if (job.bake_dir / BAKE_OUTPUTS[fmt]).exists() else None
 
-    return {"usd": rel("gaussians.usdc"), "mesh": rel("mesh.usdc"), "ply_dir": rel("ply"),
-            "preview": rel("preview.mp4"), "cameras": rel("cameras.json"), "fps": manifest.get("fps"),
+    return {"usd": rel("usd"), "mesh": rel("mesh"), "ply_dir": rel("ply"),
+            "preview": rel("preview"), "cameras": rel("cameras"), "fps": manifest.get("fps"),
             "frames": manifest.get("num_frames"), "num_gaussians": manifest.get("num_gaussians")}
 
 
@@ -245,77 +221,67 @@ class _ProgressEvents:
             self.job.update(stage=stage, progress=ev)
 
 
-def _job_stages(job: Job, request: dict, should_stop, device: str | None) -> tuple[list[Stage], FitConfig | None]:
-    from .stages.preview import PreviewHook
+def error_kind(exc: BaseException) -> str:
+    """How a job failed, for the CLI's exit code: "missing_weights", "request" (bad input) or "internal"."""
+    from .models.registry import MissingWeightsError, ModelLoadError
 
-    options = dict(request.get("options") or {})
-    preview = PreviewHook(job.path, job.emit, every=options.get("preview_every"))
-    kind = request.get("kind")
-    if kind == "example":
-        from .stages.bake import parse_formats
-
-        from .config import config_from_options
-
-        cfg = config_from_options(dict(options, device=device), default="preview")
-        frames = int(options.get("example_frames") or EXAMPLE_FRAMES)
-        return example_stages(cfg, frames, int(options.get("example_size") or EXAMPLE_SIZE),
-                              int(options.get("example_gaussians") or EXAMPLE_GAUSSIANS),
-                              parse_formats(options.get("formats") or EXAMPLE_BAKE_FORMATS), should_stop,
-                              preview.fit_kwargs(cfg, frames)), cfg
-    try:
-        from .generate import generative_stages
-    except ImportError as exc:
-        raise RuntimeError(f"jobs of kind {kind!r} need the generative stages (stag4d_backend.generate), which "
-                           f"this installation lacks ({exc}); only kind 'example' runs here") from None
-    if device:
-        options["device"] = device
-        request = dict(request, options=options)
-    from .config import config_from_options
-
-    cfg = config_from_options(options)
-    kwargs = preview.fit_kwargs(cfg)  # coarse_iters from the same config the generative fit stage uses
-    return generative_stages(request, should_stop, kwargs["on_snapshot"], kwargs["snapshot_every"], cfg=cfg), cfg
+    if isinstance(exc, (MissingWeightsError, ModelLoadError)):
+        return "missing_weights"
+    return "request" if isinstance(exc, ValueError) else "internal"
 
 
-def run_job(job_dir: str | Path, should_stop: Callable[[], bool] | None = None, *, device: str | None = None,
-            stop_state: Callable[[], str] | None = None) -> str:
+def _fail(job: Job, exc: BaseException, with_traceback: bool) -> str:
+    error = _one_line(exc)
+    extra = {"traceback": traceback.format_exc(limit=20)} if with_traceback else {}
+    job.update(state="failed", error=error, error_kind=error_kind(exc), **extra)
+    job.emit("job_state", state="failed", error=error)
+    return "failed"
+
+
+def run_job(job_dir: str | Path, progress: StageProgress | None = None, should_stop: ShouldStop | None = None, *,
+            device: str | None = None, stop_state: Callable[[], str] | None = None) -> str:
     """Run (or resume) the request in JOB_DIR/job.json; returns the final state ("finished", "failed",
     "cancelled" or what ``stop_state()`` says when stopped, e.g. "interrupted"). Never raises for a job that
-    fails: the error is in job.json and a ``stage_failed`` / ``job_state`` event."""
+    fails: the error is in job.json (``error``, ``error_kind``) and a ``stage_failed`` / ``job_state`` event.
+    ``progress(stage, stats)`` sees every step (a progress bar); the events are throttled."""
     job = Job(job_dir)
-    data = job.read()
-    request = data.get("request") or {}
-    job.update(state="running", error=None)
+    request = job.read().get("request") or {}
+    job.update(state="running", error=None, error_kind=None)
     job.emit("job_state", state="running", resumed=(job.model_dir / "state.pt").is_file())
     try:
-        stages, _ = _job_stages(job, request, should_stop, device)
+        stages = stages_for(request, job.path, device)
     except Exception as exc:  # a request that cannot run: say so in the job, not as a traceback
-        error = _one_line(exc)
-        job.update(state="failed", error=error)
-        job.emit("job_state", state="failed", error=error)
-        return "failed"
+        return _fail(job, exc, with_traceback=False)
     reporter = _ProgressEvents(job)
 
-    def progress(stage: str, stats: dict) -> None:
+    def on_progress(stage: str, stats: dict) -> None:
         reporter(stage, stats)
-        if stage != "fit" and should_stop is not None and should_stop():  # the fit stops itself, checkpointed
-            raise JobCancelled(f"stopped during {stage}")
+        if progress is not None:
+            progress(stage, stats)
 
     try:
-        run_stages(job, stages, progress, should_stop=should_stop, stop_state=stop_state,
+        run_stages(job, stages, on_progress, should_stop=should_stop, stop_state=stop_state,
                    on_finished=lambda summary: {"result": job_result(job), "progress": None})
-    except JobCancelled:
+    except JobStopped:
         state = job.read().get("state", "cancelled")
         job.emit("job_state", state=state)
         return state
     except Exception as exc:
-        error = _one_line(exc)
-        job.update(state="failed", error=error, traceback=traceback.format_exc(limit=20))
-        job.emit("job_state", state="failed", error=error)
-        return "failed"
+        return _fail(job, exc, with_traceback=True)
     job.emit("job_state", state="finished", result=job.read().get("result"))
     return "finished"
 
 
-__all__ = ["Stage", "JobCancelled", "run_stages", "run_job", "generate_example", "example_stages", "job_result",
-           "TERMINAL_STATES"]
+def stage_summary(job: Job, since: int = 0) -> dict:
+    """{stage: result with elapsed_s | "skipped (outputs exist)"} of the run whose events start at ``since``."""
+    summary = {}
+    for ev in job.events(since):
+        if ev["kind"] == "stage_skipped":
+            summary[ev["stage"]] = "skipped (outputs exist)"
+        elif ev["kind"] == "stage_finished":
+            summary[ev["stage"]] = dict(ev.get("result") or {}, elapsed_s=ev.get("elapsed_s"))
+    return summary
+
+
+__all__ = ["Stage", "stages_for", "run_stages", "run_job", "generate_example", "job_result", "stage_summary",
+           "error_kind"]

@@ -120,7 +120,7 @@ def run(args, res: dict, arrays: dict) -> None:
         time.sleep(0.05)
     state.process_updates()
     res["status"] = {"text": state.STATUS.get("text"), "error": bool(state.STATUS.get("error"))}
-    client = import_module(MODULE + ".client").Client(prefs.remote_url, prefs.remote_token)
+    client = import_module(MODULE + ".backend.client").Client(prefs.remote_url, prefs.remote_token)
     res["jobs"] = [{"id": j.get("id"), "state": j.get("state")} for j in client.list_jobs()]
     state.stop_all(stop_server=False)
     res["addon_file"] = addon.__file__

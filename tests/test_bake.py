@@ -309,7 +309,7 @@ def test_mesh_drops_flying_fragments():
 
 def test_cameras_json(small_fit, tmp_path):
     from stag4d_backend.render.cameras import ANCHOR_AZIMUTHS, ANCHOR_ELEVATIONS, OrbitCamera, blender_camera_matrix
-    from stag4d_backend.stages.render import read_cameras
+    from stag4d_backend.export.turntable import read_cameras
 
     bake(small_fit, tmp_path / "bake", formats="cameras")
     path = tmp_path / "bake" / "cameras.json"

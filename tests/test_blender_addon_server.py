@@ -25,8 +25,9 @@ sys.path.insert(0, str(REPO))
 
 import blender_addon  # noqa: E402
 from blender_addon import panel, preferences, splat_nodes, state  # noqa: E402
-from blender_addon.client import AuthError, BackendError, Client, Unreachable  # noqa: E402
-from blender_addon.server_process import MANAGER  # noqa: E402
+from blender_addon.backend.client import AuthError, BackendError, Client, Unreachable  # noqa: E402
+from blender_addon.backend import session  # noqa: E402
+from blender_addon.backend.server_process import MANAGER  # noqa: E402
 from bake_fixtures import to_blender  # noqa: E402
 from stag4d_backend.gaussians.ply import load_ply  # noqa: E402
 
@@ -60,7 +61,7 @@ def scene(addon):
         setattr(sc.stag4d, k, v)
     sc.stag4d.iters = 0
     sc.stag4d.preview_every = 10
-    state.RETRY_S = 10.0
+    session.RETRY_S = 10.0
     yield sc
 
 
@@ -185,7 +186,7 @@ def test_wrong_token_is_reported_as_such(scene, addon):
 
 def test_server_killed_mid_job_is_reported_and_blender_keeps_working(scene, addon, tmp_path):
     scene.stag4d.iters = 3000
-    state.RETRY_S = 1.5  # give up on the dead server quickly (10 s in normal use)
+    session.RETRY_S = 1.5  # give up on the dead server quickly (10 s in normal use)
     bpy.ops.stag4d.generate()
     item = scene.stag4d.jobs[0]
     assert pump(lambda: item.stage == "fit" and item.step > 0 or item.state == "error", 120), item.error

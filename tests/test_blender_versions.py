@@ -37,7 +37,7 @@ from stag4d_backend.gaussians.ply import load_ply  # noqa: E402
 from stag4d_backend.fitted import load_fitted  # noqa: E402
 from stag4d_backend.render.cameras import OrbitCamera, blender_camera_matrix, y_up_to_z_up_quats  # noqa: E402
 from stag4d_backend.stages.bake import bake  # noqa: E402
-from stag4d_backend.stages.render import render_rgba  # noqa: E402
+from stag4d_backend.export.turntable import render_rgba  # noqa: E402
 
 RELEASES_FILE = REPO / "install_scripts" / "blender_versions.txt"
 CHECK = Path(__file__).with_name("blender_version_check.py")

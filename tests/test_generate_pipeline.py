@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from stag4d_backend import cli
-from stag4d_backend.generate import RequestError, make_request, sniff_input
+from stag4d_backend.request import RequestError, make_request, sniff_input
 from stag4d_backend.job import Job
 
 from test_zero123pp_fusion import build_tiny_zero123plus, make_frame

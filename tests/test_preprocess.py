@@ -348,12 +348,12 @@ def test_killed_run_leaves_previous_output_intact(tmp_path):
 
 
 def test_cancel_between_frames(tmp_path):
-    from stag4d_backend.generate import Cancelled
+    from stag4d_backend.job import JobStopped
 
     folder = write_rgba_sequence(tmp_path / "seq", n=4)
     job = Job(tmp_path / "job")
-    with pytest.raises(Cancelled):
-        pp.run(job, {"input": str(folder), "should_stop": lambda: True})
+    with pytest.raises(JobStopped):
+        pp.run(job, {"input": str(folder)}, should_stop=lambda: True)
     assert not (job.frames_dir / "ref").exists()
 
 

@@ -266,7 +266,7 @@ def test_missing_weights_message(tmp_path):
 
 
 def test_bad_requests_and_cancel(tiny_models, tmp_path):
-    from stag4d_backend.generate import Cancelled
+    from stag4d_backend.job import JobStopped
 
     img = disc_rgba(tmp_path / "disc.png")
     job = Job(tmp_path / "job")
@@ -278,7 +278,7 @@ def test_bad_requests_and_cancel(tiny_models, tmp_path):
         with pytest.raises(video.VideoError, match=msg):
             video.run(job, bad)
     calls = []
-    with pytest.raises(Cancelled):
-        video.run(job, _opts(tiny_models, kind="image", image=str(img), video_frames=2,
-                             should_stop=lambda: calls.append(1) or len(calls) > 2))
+    with pytest.raises(JobStopped):
+        video.run(job, _opts(tiny_models, kind="image", image=str(img), video_frames=2),
+                  should_stop=lambda: calls.append(1) or len(calls) > 2)
     assert not (job.path / "video").exists()

@@ -313,10 +313,9 @@ def test_stage_cancel_leaves_no_partial_frame(tmp_path, tiny_model_dir):
     from stag4d_backend.stages import anchors
 
     job = _job_with_frames(tmp_path, n=2)
-    opts = {"model_path": str(tiny_model_dir), "device": "cpu", "steps": 3, "tile_matting": "grey", "tile": TILE,
-            "should_stop": lambda: True}
+    opts = {"model_path": str(tiny_model_dir), "device": "cpu", "steps": 3, "tile_matting": "grey", "tile": TILE}
     with pytest.raises(RuntimeError, match="cancelled"):
-        anchors.run(job, opts, None)
+        anchors.run(job, opts, None, should_stop=lambda: True)
     zero = job.frames_dir / "zero123"
     assert not zero.exists() or not any(zero.iterdir())
 

@@ -8,6 +8,8 @@
 - ``mesh_extract``  closed surface of the canonical Gaussians (density grid, marching cubes, vertex colours)
 - ``usd_mesh``      ``mesh.usdc``: animated fixed-topology UsdGeomMesh
 - ``cameras_json``  ``cameras.json``: input view and anchors with Blender camera matrices
+- ``turntable``     `stag4d render`: images from cameras in a JSON file, ``preview.mp4`` turntable video
+- ``live_preview``  a light USD snapshot of the Gaussians being fitted (the fit stage's live previews)
 
 Only ``ply_sequence``, ``gltf_splats``, ``spz``, ``usd_*`` and ``cameras_json`` write files (atomically, via ``_atomic``).
 """

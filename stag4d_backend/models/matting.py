@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..device import resolve_device
+
 NAME = "matting"
 RESOLUTION = 1024                 # BiRefNet's training resolution
 _MEAN = np.array([0.485, 0.456, 0.406], np.float32)   # ImageNet normalisation, as BiRefNet's own inference code
@@ -109,14 +111,6 @@ def is_available(local_path=None) -> bool:
     return unavailable_reason(local_path) is None
 
 
-def _device(device) -> "torch.device":  # noqa: F821
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _build(folder: Path):
     """The BiRefNet nn.Module from the folder's own code and weights (see module doc)."""
     import torch
@@ -151,7 +145,7 @@ def load(local_path=None, device="auto"):
     """(model, device, dtype), cached per folder and device. Raises MissingWeightsError / ModelLoadError."""
     reg = _registry()
     folder = reg.resolve(NAME, local_path)
-    dev = _device(device)
+    dev = resolve_device(device)
     key = (str(folder), str(dev))
     with _lock:
         if key in _cache:
@@ -198,7 +192,7 @@ def matte(images: list[Image.Image], device="auto", local_path=None, model=None,
         model, dev, dtype = load(local_path, device)
     else:
         p = next(model.parameters(), None)
-        dev, dtype = (p.device, p.dtype) if p is not None else (_device(device), torch.float32)
+        dev, dtype = (p.device, p.dtype) if p is not None else (resolve_device(device), torch.float32)
     out = []
     for im in images:
         rgb = im.convert("RGB")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from ..device import resolve_device
+
 SVD = "svd"
 SDXL_TURBO = "sdxl-turbo"
 
@@ -25,19 +27,6 @@ def _dtype_keyword() -> str:
         return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
     except ImportError:
         return "torch_dtype"
-
-
-def resolve_device(device=None) -> "torch.device":  # noqa: F821
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from .registry import ModelLoadError
-
-        raise ModelLoadError(f"device {device}: no CUDA device is available here; use --device cpu")
-    return dev
 
 
 def _load_pipeline(name: str, pipeline_cls, local_path, device, dtype, cpu_offload: bool):
@@ -103,4 +92,4 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["load_svd", "load_sdxl_turbo", "resolve_device", "free_memory", "SVD", "SDXL_TURBO"]
+__all__ = ["load_svd", "load_sdxl_turbo", "free_memory", "SVD", "SDXL_TURBO"]

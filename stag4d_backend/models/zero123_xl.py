@@ -28,6 +28,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from ..device import resolve_device
+
 MODEL_NAME = "zero123-xl"
 SUBFOLDERS = ("unet", "vae", "image_encoder", "feature_extractor", "clip_camera_projection", "scheduler")
 
@@ -127,12 +129,6 @@ def load_zero123_components(folder: str | os.PathLike, device: str | torch.devic
     for m in (c.unet, c.vae, c.image_encoder, c.camera_projection):
         m.to(device).eval().requires_grad_(False)
     return c
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_zero123_sds(device: str | torch.device = "auto", local_path: str | os.PathLike | None = None,

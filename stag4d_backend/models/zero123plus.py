@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from ..guidance.zero123pp_fusion import FusionContext, bind, install
+from ..job import JobStopped
 
 MODEL_NAME = "zero123plus"
 GREY = 127                      # the canvas the condition image is pasted on
@@ -43,10 +44,6 @@ DEFAULT_TILE = 320
 
 # Independent random streams per frame, all derived from the frame's seed.
 _NOISE, _REF_NOISE, _COND_SAMPLE, _NEG_SAMPLE = range(4)
-
-
-class SamplingStopped(RuntimeError):
-    """should_stop() returned True between two denoising steps."""
 
 
 def scale_latents(z: torch.Tensor) -> torch.Tensor:
@@ -293,7 +290,7 @@ class Zero123PlusSampler:
             if on_step is not None:
                 on_step(i + 1, steps)
             if should_stop is not None and should_stop() and i + 1 < steps:
-                raise SamplingStopped(f"stopped after denoising step {i + 1} of {steps}")
+                raise JobStopped(f"stopped after denoising step {i + 1} of {steps}")
         return latents
 
     @torch.no_grad()
@@ -394,7 +391,7 @@ def full_size_store_bytes(unet_config: dict | None = None, steps: int = DEFAULT_
 
 
 __all__ = ["Zero123PlusModel", "Zero123PlusSampler", "FrameCondition", "load_zero123plus", "generate_grids",
-           "split_grid", "to_rgb_on_grey", "scale_latents", "unscale_latents", "unscale_image", "SamplingStopped",
+           "split_grid", "to_rgb_on_grey", "scale_latents", "unscale_latents", "unscale_image",
            "full_size_store_bytes", "DEFAULT_TILE", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "DEFAULT_SEED"]
 
 

@@ -14,10 +14,9 @@ import os
 import threading
 from pathlib import Path
 
-from ..job import EVENTS_FILE
+from ..job import EVENTS_FILE, TERMINAL_STATES
 
 POLL_S = 0.01
-TERMINAL = ("finished", "failed", "cancelled")
 
 
 class EventLog:
@@ -84,7 +83,7 @@ class EventLog:
     @property
     def ended(self) -> bool:
         """The newest job_state event is terminal (nothing follows unless the job is resumed)."""
-        return self.last_state in TERMINAL
+        return self.last_state in TERMINAL_STATES
 
 
 def _loop_running() -> bool:

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..job import EVENTS_FILE, JOB_FILE, Job
+from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, STATES, Job
 from .files import is_job_id, job_path, new_job_id
 from .worker import CANCEL_FILE, LOCK_FILE
 
-TERMINAL = ("finished", "failed", "cancelled")
 SERVER_LOCK = ".server.lock"
 TRASH_DIR = ".trash"
 UPLOAD_DIR = ".uploads"
@@ -271,7 +270,7 @@ class JobManager:
                 state = Job(self.jobs_dir / job_id).read().get("state")
             except (OSError, ValueError):
                 continue
-            if state in TERMINAL or state == "interrupted":
+            if state in ENDED_STATES:
                 continue  # the worker recorded how it ended
             if r.cancel_requested:
                 self._server_write(job_id, "cancelled", message="the worker did not stop in time and was killed")
@@ -383,7 +382,7 @@ class JobManager:
         path = self._dir(job_id)
         with self._cond:
             state = Job(path).read().get("state")
-            if job_id in self._queue or (job_id in self._running and state not in TERMINAL + ("interrupted",)):
+            if job_id in self._queue or (job_id in self._running and state not in ENDED_STATES):
                 return  # already waiting or running
             if state == "finished":
                 raise JobError(409, f"job {job_id} has finished; there is nothing to resume")
@@ -425,3 +424,22 @@ class JobManager:
     @property
     def upload_dir(self) -> Path:
         return self.jobs_dir / UPLOAD_DIR
+
+
+def job_view(manager: JobManager, hub, job_id: str) -> dict:
+    """The API's view of one job (schemas.JobOut): job.json's fields, the live cancel flag, the newest event
+    number (``hub``: the server's EventHub) and the queue position. JobError 404 for an unknown job."""
+    path, data, live = manager.read(job_id)
+    log = hub.log(job_id)
+    log.refresh()
+    state = data.get("state") or "queued"
+    state = "queued" if state == "created" else state
+    if state not in STATES:
+        state = "failed"
+    request = data.get("request") or {}
+    return {"id": job_id, "state": state, "kind": str(request.get("kind") or "unknown"), "request": request,
+            "created": float(data.get("created") or 0.0), "updated": data.get("updated"),
+            "stage": data.get("stage"), "progress": data.get("progress"), "error": data.get("error"),
+            "last_event": log.last_n, "result": data.get("result"), "licences": data.get("licences") or [],
+            "cancel_requested": live["cancel_requested"] and state == "running", "device": data.get("device"),
+            "queue_position": manager.queue_position(job_id)}

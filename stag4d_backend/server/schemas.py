@@ -1,7 +1,8 @@
 """Request and response shapes of the HTTP API (pydantic; the OpenAPI document is generated from them).
 
-The server process never imports torch, so the preset and format names are spelled here; a test checks them
-against ``config.PRESETS`` and ``stages.bake.FORMATS``."""
+The server process never imports torch: the preset and format names come from the torch-free ``request`` module
+(tests hold them equal to ``config.PRESETS`` and ``stages.bake.FORMATS``), and a test holds ``JobOptions`` equal to
+the one table of request options, ``request.OPTIONS``."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-PRESETS = ("paper", "standard", "preview", "tiny")
-BAKE_FORMATS = ("usd", "ply", "gltf", "spz", "mesh", "preview", "cameras")
-STATES = ("queued", "running", "finished", "failed", "cancelled", "interrupted")
+from .. import job, request
+
+PRESETS = request.PRESETS
+BAKE_FORMATS = request.BAKE_FORMATS
+STATES = tuple(s for s in job.STATES if s != "created")  # a job is queued the moment the server creates it
 STAGES = ("example", "video", "preprocess", "anchors", "fit", "bake")
 INT31 = 2**31 - 1
 
 
-_Format = Literal["usd", "ply", "gltf", "spz", "mesh", "preview", "cameras", "all"]
-_FORMATS_RE = (r"^ *(usd|ply|gltf|spz|mesh|preview|cameras|all) *"
-               r"(, *(usd|ply|gltf|spz|mesh|preview|cameras|all) *)*$")
+_Format = Literal[BAKE_FORMATS + ("all",)]
+_FORMAT_NAMES = "|".join(BAKE_FORMATS + ("all",))
+_FORMATS_RE = rf"^ *({_FORMAT_NAMES}) *(, *({_FORMAT_NAMES}) *)*$"
 
 
 class JobOptions(BaseModel):
@@ -49,6 +52,9 @@ class JobOptions(BaseModel):
     fraction: float | None = Field(None, ge=0.05, le=1.0, description="object's share of the frame side")
     matting: Literal["auto", "model", "none", "white-key", "color-key"] | None = None
     fusion: Literal["lockstep", "stored", "off"] | None = Field(None, description="Zero123++ temporal fusion")
+    anchor_steps: int | None = Field(None, ge=1, le=1000, description="Zero123++ denoising steps (default 75)")
+    video_frames: int | None = Field(None, ge=2, le=128,
+                                     description="image/prompt input: frames the video model generates")
     formats: Annotated[str, Field(pattern=_FORMATS_RE)] | Annotated[list[_Format], Field(min_length=1)] | None = \
         Field(None, description="bake formats: a comma list (or list) of usd, ply, gltf, spz, mesh, preview, "
                     "cameras, or all")

@@ -64,8 +64,8 @@ def die_with_parent(parent_pid: int) -> None:
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-class StopRequest:
-    """``should_stop()`` for the fit: a signal arrived or the cancel file exists."""
+class StopSignals:
+    """The job's ``should_stop()``: a signal arrived or the cancel file exists."""
 
     def __init__(self, job_dir: Path):
         self.cancel_file = job_dir / CANCEL_FILE
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     die_with_parent(args.parent_pid)
     job_dir = Path(args.job_dir)
-    stop = StopRequest(job_dir)
+    stop = StopSignals(job_dir)
     lock = try_lock(job_dir)
     if lock is None:
         print(f"{job_dir}: another worker is running this job", file=sys.stderr)

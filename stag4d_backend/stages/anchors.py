@@ -9,8 +9,9 @@ batch of later frames, so a later frame never needs anything from an earlier run
 Options (all optional): model_path (or zero123plus_model_path: the request's options are shared by all
 stages), matting_model_path, device, dtype, steps (75), guidance_scale (4.0), seed (42; every frame
 starts from the same noise, as the authors do), per_frame_noise (False), fusion ("lockstep" | "stored" |
-"off"), mid_block_quirk (True = faithful), batch (later frames per batch), tile (px, default 320: the official 640x960 grid),
-tile_matting ("auto" | "grey" | "model"), grey_threshold, should_stop (callable).
+"off"), mid_block_quirk (True = faithful), batch (later frames per batch), tile (px, default 320: the official
+640x960 grid), tile_matting ("auto" | "grey" | "model"), grey_threshold. ``run`` stops at a denoising step when
+its ``should_stop()`` is true (JobStopped).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 from ..atomic import atomic_dir, remove_stale_temps
+from ..device import resolve_device
+from ..job import JobStopped
 
 NUM_VIEWS = 6
 FUSION_MODES = ("lockstep", "stored", "off")
@@ -113,19 +116,11 @@ def tile_matter(choice: str, threshold: float | None = None, device="auto",
 
 # -- the stage -----------------------------------------------------------------------------------------------
 
-def _cancelled(message: str) -> Exception:
-    try:
-        from ..generate import Cancelled
-    except ImportError:
-        return RuntimeError(message)
-    return Cancelled(message)
-
-
-def run(job, options: dict | None, progress: Callable[[dict], None] | None = None) -> dict:
+def run(job, options: dict | None, progress: Callable[[dict], None] | None = None, should_stop=None) -> dict:
     """Generate the missing frames' anchor views; returns a summary dict."""
     import torch
 
-    from ..models.zero123plus import SamplingStopped, Zero123PlusSampler, generate_grids, load_zero123plus, \
+    from ..models.zero123plus import Zero123PlusSampler, generate_grids, load_zero123plus, \
         split_grid
 
     opts = _options(options)
@@ -138,7 +133,7 @@ def run(job, options: dict | None, progress: Callable[[dict], None] | None = Non
     if not todo:
         return {"frames": num, "generated": 0}
 
-    device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(opts["device"]))
     model = load_zero123plus(opts.get("zero123plus_model_path") or opts["model_path"], device=device,
                              dtype=opts["dtype"], tile=opts["tile"])
     matter, matting_used = tile_matter(opts["tile_matting"], opts["grey_threshold"], device,
@@ -174,7 +169,7 @@ def run(job, options: dict | None, progress: Callable[[dict], None] | None = Non
                            guidance_scale=float(opts["guidance_scale"]), seed=int(opts["seed"]),
                            per_frame_noise=bool(opts["per_frame_noise"]),
                            mid_block_quirk=bool(opts["mid_block_quirk"]), tile=opts["tile"],
-                           on_step=step_timer, should_stop=opts.get("should_stop"), contexts=contexts)
+                           on_step=step_timer, should_stop=should_stop, contexts=contexts)
     try:
         for f, grid in grids:
             rgba = matter(split_grid(grid))
@@ -186,8 +181,8 @@ def run(job, options: dict | None, progress: Callable[[dict], None] | None = Non
             progress({"step": steps, "total": steps, "frame": f, "frames": [f], "done_frames": done,
                       "num_frames": num, "written": str((zero / f"{f}_rgba").relative_to(job.frames_dir))})
             state["batch_t0"] = time.perf_counter()  # decoding/matting/writing are not denoising steps
-    except SamplingStopped as exc:
-        raise _cancelled(f"anchors cancelled ({len(written)} frames written; {exc})") from None
+    except JobStopped as exc:
+        raise JobStopped(f"anchors cancelled ({len(written)} frames written; {exc})") from None
 
     stored = max((c.stored_bytes() for c in contexts), default=0)
     return {"frames": num, "generated": len(written), "fusion": opts["fusion"], "steps": steps,

@@ -9,7 +9,7 @@ deformation at every output frame (batched, see ``export.frames``) and writes, p
   ``canonical.glb`` (the fit's canonical Gaussians);
 - ``spz``:     ``spz/{k:04d}.spz``, per-frame Niantic SPZ version 4 (``export.spz``);
 - ``mesh``:    ``mesh.usdc``, animated fixed-topology mesh (marching cubes of the canonical density);
-- ``preview``: ``preview.mp4``, turntable video (``stages.render.render_turntable``);
+- ``preview``: ``preview.mp4``, turntable video (``export.turntable.render_turntable``);
 - always:      ``cameras.json`` (input view + six anchors, with Blender camera matrices; format name ``cameras``)
   and ``bake.json`` (what was baked: frames, fps, times, counts, files, timings; written last).
 
@@ -49,17 +49,19 @@ from .. import __version__
 from ..atomic import remove_stale_temps, write_json
 from ..export.cameras_json import write_cameras_json
 from ..fitted import CANONICAL, DEFORMATION, META, FittedModelError, load_fitted
+from ..job import check_stop
+from ..request import BAKE_FORMATS, BAKE_OUTPUTS, DEFAULT_BAKE_FORMATS, RequestError
+from ..request import parse_formats as _parse_formats
 
 ProgressFn = Callable[[dict], None]
 
-FORMATS = ("usd", "ply", "gltf", "spz", "mesh", "preview", "cameras")
-DEFAULT_FORMATS = ("usd", "ply")
+FORMATS = BAKE_FORMATS                  # the names and files live in request.BAKE_OUTPUTS (one table)
+DEFAULT_FORMATS = DEFAULT_BAKE_FORMATS  # what a job and `stag4d bake` write when no format is named
 DEFAULT_FPS = 24.0
 MAX_FRAMES = 100_000
 MANIFEST = "bake.json"
 MESH_MOTIONS = ("gaussians", "field")
-OUTPUTS = {"usd": "gaussians.usdc", "ply": "ply", "gltf": "gltf", "spz": "spz", "mesh": "mesh.usdc",
-           "preview": "preview.mp4", "cameras": "cameras.json"}
+OUTPUTS = BAKE_OUTPUTS
 EXTRA_OUTPUTS = {"gltf": ("canonical.glb",)}  # further files of a format, beside OUTPUTS[format]
 SEQUENCE_FORMATS = ("usd", "ply", "gltf", "spz")  # the formats written from the per-frame evaluation
 
@@ -98,18 +100,10 @@ class BakeResult:
 
 def parse_formats(spec: str | Iterable[str] | None) -> tuple[str, ...]:
     """"usd,ply" / ["usd", "ply"] / "all" -> validated, de-duplicated tuple in canonical order."""
-    if spec is None:
-        return DEFAULT_FORMATS
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [str(s).strip().lower() for s in items if str(s).strip()]
-    if not names:
-        raise BakeError(f"no format given; choose from {', '.join(FORMATS)} (or 'all')")
-    if "all" in names:
-        return FORMATS
-    unknown = [n for n in names if n not in FORMATS]
-    if unknown:
-        raise BakeError(f"unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)} (or 'all')")
-    return tuple(f for f in FORMATS if f in names)
+    try:
+        return _parse_formats(spec)
+    except RequestError as exc:
+        raise BakeError(str(exc)) from None
 
 
 def resolve_fit_dir(path: str | Path) -> Path:
@@ -295,7 +289,7 @@ def bake(fit_dir: str | Path, bake_dir: str | Path, formats: str | Iterable[str]
             emit(f"wrote {T} SPZ files", [bake_dir / OUTPUTS["spz"]])
         sampled = None
         if "preview" in formats:
-            from .render import render_turntable
+            from ..export.turntable import render_turntable
 
             t0 = time.perf_counter()
             path = render_turntable(fit_dir, bake_dir / OUTPUTS["preview"], size=int(preview_size), fps=out_fps)
@@ -380,5 +374,24 @@ def bake_job(out_dir: str | Path, formats: str | Iterable[str] = DEFAULT_FORMATS
                 **kw)
 
 
-__all__ = ["bake", "bake_job", "BakeResult", "BakeError", "CLI_ERRORS", "FORMATS", "DEFAULT_FORMATS",
+# -- the stage contract (pipeline) --------------------------------------------------------------------------
+
+def is_done(job, options: dict) -> bool:
+    return (job.bake_dir / MANIFEST).is_file()
+
+
+def run(job, options: dict, progress: ProgressFn | None = None, should_stop=None) -> dict:
+    """Bake the job's fit into JOB/bake; options: formats, fps (request.OPTIONS)."""
+    def on_progress(stats: dict) -> None:
+        if progress is not None:
+            progress(stats)
+        check_stop(should_stop, "stopped during bake")
+
+    res = bake(job.model_dir, job.bake_dir, formats=options.get("formats") or DEFAULT_FORMATS,
+               fps=options.get("fps"), progress=on_progress)
+    return {"files": [p.relative_to(job.path).as_posix() if p.is_relative_to(job.path) else str(p)
+                      for p in res.paths]}
+
+
+__all__ = ["run", "is_done", "bake", "bake_job", "BakeResult", "BakeError", "CLI_ERRORS", "FORMATS", "DEFAULT_FORMATS",
            "DEFAULT_FPS", "parse_formats", "resolve_fit_dir"]

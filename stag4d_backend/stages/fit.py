@@ -19,6 +19,7 @@ import torch
 from .. import __version__
 from ..config import GUIDANCE_CHOICES, FitConfig
 from ..dataset import DataError, load_frames
+from ..device import resolve_device
 from ..fitted import CANONICAL, DEFORMATION, META, save_fitted
 from ..fitting.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from ..fitting.trainer import Trainer
@@ -40,15 +41,6 @@ class FitOutcome:
     elapsed_s: float
     resumed_from: int = 0
     notes: tuple[str, ...] = ()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FitError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return dev
 
 
 def resolve_guidance(cfg: FitConfig, sds: ScoreDistillation | None, explicit: bool, has_anchors: bool
@@ -179,4 +171,52 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: FitConfig, *, sds: Score
                       resumed_from, tuple(notes))
 
 
-__all__ = ["fit", "FitOutcome", "FitError", "DataError", "resolve_guidance", "resolve_device"]
+# -- the stage contract (pipeline) --------------------------------------------------------------------------
+
+def load_sds_if_present(cfg: FitConfig, guidance_explicit: bool, local_path=None):
+    """Zero123-XL SDS when the preset uses it and the weights are installed; None otherwise (the fit then falls
+    back to the anchor views and says so, unless SDS was asked for explicitly)."""
+    if "sds" not in cfg.guidance:
+        return None
+    from ..models.registry import MissingWeightsError
+
+    try:
+        from ..models.zero123_xl import load_zero123_sds, sds_options
+
+        return load_zero123_sds(device=cfg.device, local_path=local_path, **sds_options(cfg))
+    except MissingWeightsError:
+        if guidance_explicit:
+            raise
+        return None
+
+
+def stage_config(options: dict) -> FitConfig:
+    """The fit configuration of a request's fit section (preset, iters, resolution, device, seed, guidance,
+    checkpoint_every)."""
+    from ..config import config_from_options
+
+    return config_from_options(options)
+
+
+def is_done(job, options: dict) -> bool:
+    return (job.model_dir / META).is_file()
+
+
+def run(job, options: dict, progress: ProgressFn | None = None, should_stop=None) -> dict:
+    """Fit the job's frames into JOB/model, with live previews every ``preview_every`` steps (default: every
+    checkpoint; 0 = off). Stopped, it checkpoints and raises JobStopped; run again, it resumes there."""
+    from ..export.live_preview import PreviewHook
+    from ..job import JobStopped
+
+    cfg = stage_config(options)
+    explicit = bool(options.get("guidance"))
+    hook = PreviewHook(job.path, job.emit, every=options.get("preview_every"))
+    out = fit(job.frames_dir, job.model_dir, cfg, sds=load_sds_if_present(cfg, explicit),
+              guidance_explicit=explicit, progress=progress, should_stop=should_stop, **hook.fit_kwargs(cfg))
+    if out.status == "cancelled":
+        raise JobStopped(f"stopped at fit step {out.iterations}", step=out.iterations)
+    return {"iterations": out.iterations, "num_gaussians": out.num_gaussians, "notes": list(out.notes),
+            "resumed_from": out.resumed_from}
+
+
+__all__ = ["run", "is_done", "load_sds_if_present", "fit", "FitOutcome", "FitError", "DataError", "resolve_guidance", "resolve_device"]

@@ -31,8 +31,9 @@ from PIL import Image, ImageOps
 
 from .. import __version__
 from ..atomic import atomic_dir, remove_stale_temps
-from .preprocess import (PreprocessError, clip_crop_box, color_key, crop_square, has_alpha, matting_problem,
-                         same_request, to_rgb_or_rgba)
+from ..job import check_stop as raise_if_stopped
+from ..media.image import MediaError, clip_crop_box, color_key, crop_square, has_alpha, to_rgb_or_rgba
+from .preprocess import matting_problem, same_request
 
 ProgressFn = Callable[[dict], None]
 
@@ -136,7 +137,7 @@ def cut_out(im: Image.Image, options: dict, assume_white: bool, name: str) -> tu
     try:
         return color_key(im, WHITE if assume_white else None, name=name), ("white-key" if assume_white
                                                                            else "color-key")
-    except PreprocessError:
+    except MediaError:
         raise VideoError(f"{name}: the image has no alpha and its background is not a uniform colour, and "
                          f"{problem}") from None
 
@@ -182,16 +183,8 @@ def is_done(job, options: dict) -> bool:
     return bool(files) and all((folder / f).is_file() for f in files)
 
 
-def _stopper(options: dict):
-    stop = options.get("should_stop")
-
-    def check():
-        if stop is not None and stop():
-            from ..generate import Cancelled
-
-            raise Cancelled("cancelled during the video stage")
-
-    return check
+def _stopper(should_stop):
+    return lambda: raise_if_stopped(should_stop, "cancelled during the video stage")
 
 
 def _generator(seed: int):
@@ -258,10 +251,10 @@ def image_to_video(cond: Image.Image, req: dict, options: dict, progress: Progre
     return frames, info
 
 
-def run(job, options: dict, progress: ProgressFn | None = None) -> dict:
+def run(job, options: dict, progress: ProgressFn | None = None, should_stop=None) -> dict:
     """Generate the clip (see module doc) into JOB/video/; returns a summary."""
     progress = progress or (lambda s: None)
-    check_stop = _stopper(options)
+    check_stop = _stopper(should_stop)
     t0 = time.perf_counter()
     req = _norm_options(options)
     prompt = req["kind"] == "prompt"

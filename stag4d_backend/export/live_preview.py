@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export.frames import SampledFrames
+from .frames import SampledFrames
 
 PREVIEW_DIR = "previews"
 PREVIEW_FILE = "gaussians.usdc"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .client import BackendError, Client
 
-REPO_GUESS = Path(__file__).resolve().parents[1]  # when the add-on runs from a checkout (development)
+REPO_GUESS = Path(__file__).resolve().parents[2]  # when the add-on runs from a checkout (development)
 
 
 def find_backend_command(python_path: str = "") -> list[str]:
