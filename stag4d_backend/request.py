@@ -89,7 +89,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("anchor_steps", int, ("anchors",), "Zero123++ denoising steps (default 75, as the authors)",
            range=(1, 1000), stage_name="steps"),
     Option("anchor_tile", int, ("anchors",), "Zero123++ output tile edge in px (default 320: the official 640x960 "
-           "grid)", range=(8, 2048), http=False, stage_name="tile"),
+           "grid)", range=(8, 2048), stage_name="tile"),
     Option("video_frames", int, ("video",), "image/prompt input: frames the video model generates",
            range=(2, 128)),
     Option("formats", str, ("bake",), "bake formats: a comma list of " + ", ".join(BAKE_FORMATS) + ", or all "

@@ -53,6 +53,8 @@ class JobOptions(BaseModel):
     matting: Literal["auto", "model", "none", "white-key", "color-key"] | None = None
     fusion: Literal["lockstep", "stored", "off"] | None = Field(None, description="Zero123++ temporal fusion")
     anchor_steps: int | None = Field(None, ge=1, le=1000, description="Zero123++ denoising steps (default 75)")
+    anchor_tile: int | None = Field(None, ge=8, le=2048,
+                                    description="Zero123++ output tile edge in px (default 320: the official grid)")
     video_frames: int | None = Field(None, ge=2, le=128,
                                      description="image/prompt input: frames the video model generates")
     formats: Annotated[str, Field(pattern=_FORMATS_RE)] | Annotated[list[_Format], Field(min_length=1)] | None = \
