@@ -137,6 +137,15 @@ def _validate(fps, frames) -> tuple[float | None, int | None]:
     return fps, frames
 
 
+def _check_settings(mesh_resolution, mesh_motion, threads) -> None:
+    if not 16 <= int(mesh_resolution) <= 1024:
+        raise BakeError(f"mesh resolution {mesh_resolution}: must be between 16 and 1024")
+    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        raise BakeError(f"--threads {threads}: must be at least 1")
+    if mesh_motion not in MESH_MOTIONS:
+        raise BakeError(f"mesh motion {mesh_motion!r}: choose {' or '.join(MESH_MOTIONS)}")
+
+
 def _fingerprint(fit_dir: Path, num_frames: int, fps: float) -> dict:
     files = {}
     for name in (CANONICAL, DEFORMATION):
@@ -184,12 +193,7 @@ def bake(fit_dir: str | Path, bake_dir: str | Path, formats: str | Iterable[str]
     t_start = time.perf_counter()
     formats = parse_formats(formats)
     fps_arg, frames = _validate(fps, frames)
-    if not 16 <= int(mesh_resolution) <= 1024:
-        raise BakeError(f"mesh resolution {mesh_resolution}: must be between 16 and 1024")
-    if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
-        raise BakeError(f"--threads {threads}: must be at least 1")
-    if mesh_motion not in MESH_MOTIONS:
-        raise BakeError(f"mesh motion {mesh_motion!r}: choose {' or '.join(MESH_MOTIONS)}")
+    _check_settings(mesh_resolution, mesh_motion, threads)
     fit_dir = resolve_fit_dir(fit_dir)
     bake_dir = Path(bake_dir)
     try:
@@ -256,37 +260,7 @@ def bake(fit_dir: str | Path, bake_dir: str | Path, formats: str | Iterable[str]
             timings["evaluate"] = time.perf_counter() - t0
         emit(f"evaluated {T} frames")
 
-        if "usd" in formats:
-            from ..export.usd_points import write_gaussians_usd
-
-            t0 = time.perf_counter()
-            path = write_gaussians_usd(sampled, bake_dir / OUTPUTS["usd"], out_fps, custom)
-            timings["usd"] = time.perf_counter() - t0
-            files["usd"] = [path]
-            emit("wrote gaussians.usdc", [path])
-        if "ply" in formats:
-            from ..export.ply_sequence import write_ply_sequence
-
-            t0 = time.perf_counter()
-            files["ply"] = write_ply_sequence(sampled, bake_dir / OUTPUTS["ply"])
-            timings["ply"] = time.perf_counter() - t0
-            emit(f"wrote {T} PLY files", [bake_dir / OUTPUTS["ply"]])
-        if "gltf" in formats:
-            from ..export.gltf_splats import write_canonical_glb, write_gltf_sequence
-
-            t0 = time.perf_counter()
-            files["gltf"] = write_gltf_sequence(sampled, bake_dir / OUTPUTS["gltf"], out_fps, custom)
-            files["gltf"].append(write_canonical_glb(animated.model.params, bake_dir / EXTRA_OUTPUTS["gltf"][0],
-                                                     dict(custom, fps=out_fps)))
-            timings["gltf"] = time.perf_counter() - t0
-            emit(f"wrote {T} glTF files and canonical.glb", [bake_dir / OUTPUTS["gltf"]])
-        if "spz" in formats:
-            from ..export.spz import write_spz_sequence
-
-            t0 = time.perf_counter()
-            files["spz"] = write_spz_sequence(sampled, bake_dir / OUTPUTS["spz"])
-            timings["spz"] = time.perf_counter() - t0
-            emit(f"wrote {T} SPZ files", [bake_dir / OUTPUTS["spz"]])
+        _write_sequence_formats(formats, sampled, animated, bake_dir, out_fps, custom, emit, timings, files)
         sampled = None
         if "preview" in formats:
             from ..export.turntable import render_turntable
@@ -302,35 +276,9 @@ def bake(fit_dir: str | Path, bake_dir: str | Path, formats: str | Iterable[str]
         files["cameras"] = [path]
         emit("wrote cameras.json", [path])
 
-    # Manifest: this run's formats, plus earlier outputs that still match this fit / frames / fps.
-    written = tuple(f for f in FORMATS if f in files)
-    fingerprint = _fingerprint(fit_dir, T, out_fps)
-    old = _read_manifest(bake_dir)
-    entries = {}
-    removed = []
-    for fmt, entry in (old.get("formats") or {}).items():
-        if fmt in files or fmt not in OUTPUTS:
-            continue
-        target = bake_dir / OUTPUTS[fmt]
-        if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint and target.exists():
-            entries[fmt] = entry
-            continue
-        for stale in (target, *(bake_dir / name for name in EXTRA_OUTPUTS.get(fmt, ()))):
-            if stale.exists():
-                _remove(stale)
-                removed.append(stale)
-                notes.append(f"removed stale {stale.name} (baked from another fit, frame count or fps)")
-    for fmt in written:
-        entries[fmt] = {"fingerprint": fingerprint, "files": [str(p.relative_to(bake_dir)) for p in files[fmt]]}
+    written, removed = _write_manifest(bake_dir, fit_dir, files, frame_values, src_frames, out_fps, fps_source,
+                                       animated, mesh_info, timings, notes)
     elapsed = time.perf_counter() - t_start
-    write_json(bake_dir / MANIFEST, {
-        "format_version": 1, "stag4d_version": __version__, "fit_dir": str(fit_dir.resolve()),
-        "num_frames": T, "fps": out_fps, "fps_source": fps_source, "source_num_frames": src_frames,
-        "frame_values": [float(v) for v in frame_values], "times": [float(v / src_frames) for v in frame_values],
-        "num_gaussians": n_gauss, "sh_degree": int(animated.model.sh_degree), "up_axis": "Y",
-        "meters_per_unit": 1.0, "mesh": mesh_info, "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "formats": entries,
-    })
     return BakeResult(bake_dir, written, T, out_fps, fps_source, n_gauss, files, timings, elapsed, mesh_info,
                       tuple(notes), tuple(removed))
 
@@ -364,6 +312,81 @@ def _bake_mesh(animated, frame_values, path: Path, fps: float, custom: dict, res
             "motion": motion}
     info.update(mesh.stats)
     return info, path
+
+
+def _write_sequence_formats(formats, sampled, animated, bake_dir: Path, out_fps: float, custom: dict, emit,
+                            timings: dict, files: dict) -> None:
+    """The formats written from the per-frame evaluation (SEQUENCE_FORMATS), each timed and announced."""
+    if sampled is None:  # none of them was asked for
+        return
+    T = sampled.num_frames
+    if "usd" in formats:
+        from ..export.usd_points import write_gaussians_usd
+
+        t0 = time.perf_counter()
+        path = write_gaussians_usd(sampled, bake_dir / OUTPUTS["usd"], out_fps, custom)
+        timings["usd"] = time.perf_counter() - t0
+        files["usd"] = [path]
+        emit("wrote gaussians.usdc", [path])
+    if "ply" in formats:
+        from ..export.ply_sequence import write_ply_sequence
+
+        t0 = time.perf_counter()
+        files["ply"] = write_ply_sequence(sampled, bake_dir / OUTPUTS["ply"])
+        timings["ply"] = time.perf_counter() - t0
+        emit(f"wrote {T} PLY files", [bake_dir / OUTPUTS["ply"]])
+    if "gltf" in formats:
+        from ..export.gltf_splats import write_canonical_glb, write_gltf_sequence
+
+        t0 = time.perf_counter()
+        files["gltf"] = write_gltf_sequence(sampled, bake_dir / OUTPUTS["gltf"], out_fps, custom)
+        files["gltf"].append(write_canonical_glb(animated.model.params, bake_dir / EXTRA_OUTPUTS["gltf"][0],
+                                                 dict(custom, fps=out_fps)))
+        timings["gltf"] = time.perf_counter() - t0
+        emit(f"wrote {T} glTF files and canonical.glb", [bake_dir / OUTPUTS["gltf"]])
+    if "spz" in formats:
+        from ..export.spz import write_spz_sequence
+
+        t0 = time.perf_counter()
+        files["spz"] = write_spz_sequence(sampled, bake_dir / OUTPUTS["spz"])
+        timings["spz"] = time.perf_counter() - t0
+        emit(f"wrote {T} SPZ files", [bake_dir / OUTPUTS["spz"]])
+
+
+def _write_manifest(bake_dir: Path, fit_dir: Path, files: dict, frame_values, src_frames: int, out_fps: float,
+                    fps_source: str, animated, mesh_info, timings: dict, notes: list) -> tuple[tuple, list]:
+    """bake.json: this run's formats, plus earlier outputs that still match this fit / frames / fps (stale ones
+    are removed and noted). Returns the formats written now and the paths removed."""
+    T = len(frame_values)
+    n_gauss = animated.model.num_points
+    written = tuple(f for f in FORMATS if f in files)
+    fingerprint = _fingerprint(fit_dir, T, out_fps)
+    old = _read_manifest(bake_dir)
+    entries = {}
+    removed = []
+    for fmt, entry in (old.get("formats") or {}).items():
+        if fmt in files or fmt not in OUTPUTS:
+            continue
+        target = bake_dir / OUTPUTS[fmt]
+        if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint and target.exists():
+            entries[fmt] = entry
+            continue
+        for stale in (target, *(bake_dir / name for name in EXTRA_OUTPUTS.get(fmt, ()))):
+            if stale.exists():
+                _remove(stale)
+                removed.append(stale)
+                notes.append(f"removed stale {stale.name} (baked from another fit, frame count or fps)")
+    for fmt in written:
+        entries[fmt] = {"fingerprint": fingerprint, "files": [str(p.relative_to(bake_dir)) for p in files[fmt]]}
+    write_json(bake_dir / MANIFEST, {
+        "format_version": 1, "stag4d_version": __version__, "fit_dir": str(fit_dir.resolve()),
+        "num_frames": T, "fps": out_fps, "fps_source": fps_source, "source_num_frames": src_frames,
+        "frame_values": [float(v) for v in frame_values], "times": [float(v / src_frames) for v in frame_values],
+        "num_gaussians": n_gauss, "sh_degree": int(animated.model.sh_degree), "up_axis": "Y",
+        "meters_per_unit": 1.0, "mesh": mesh_info, "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "formats": entries,
+    })
+    return written, removed
 
 
 def bake_job(out_dir: str | Path, formats: str | Iterable[str] = DEFAULT_FORMATS, fps: float | None = None,
