@@ -39,30 +39,20 @@ def _registry():
     return registry
 
 
-def _get_imports(py: Path) -> list[str]:
-    from transformers.dynamic_module_utils import get_imports
-
-    return get_imports(py)
-
-
-def _missing_imports(folder: Path) -> list[str]:
-    """Top-level packages the folder's code imports that are not installed (transformers' own import scan)."""
+def _imports(folder: Path) -> set[str] | None:
+    """Top-level packages the folder's code imports (transformers' own import scan); None without transformers."""
     try:
-        import transformers.dynamic_module_utils  # noqa: F401
+        from transformers.dynamic_module_utils import get_imports
     except ImportError:
-        return ["transformers"]
-    missing = set()
-    for py in folder.glob("*.py"):
-        for pkg in _get_imports(py):
-            if importlib.util.find_spec(pkg) is None:
-                missing.add(pkg)
-    return sorted(missing)
+        return None
+    return {pkg for py in folder.glob("*.py") for pkg in get_imports(py)}
 
 
 # Packages whose wheel must be built for the installed torch: pip's default one can be built for another torch
 # (PyPI's torchvision pairs with the CUDA build; beside the CPU build its import fails with "operator
 # torchvision::nms does not exist"), so install.sh --matting installs the matching one.
-_TORCH_PAIRED = ("torchvision",)
+# Each with the code that proves its compiled ops load.
+_TORCH_PAIRED = {"torchvision": "import torch, torchvision.ops as o; o.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)"}
 _INSTALL_HINT = "run `bash install_scripts/install.sh --matting`, which installs the build that matches torch"
 _import_checks: dict[str, str | None] = {}
 
@@ -74,8 +64,7 @@ def broken_import(package: str) -> str | None:
         import subprocess
         import sys
 
-        code = f"import {package}" + (".ops; import torch; " + package + ".ops.nms(torch.zeros(1, 4), "
-                                      "torch.zeros(1), 0.5)" if package == "torchvision" else "")
+        code = _TORCH_PAIRED.get(package, f"import {package}")
         try:
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
             lines = (res.stderr or res.stdout).strip().splitlines()
@@ -92,14 +81,15 @@ def unavailable_reason(local_path=None) -> str | None:
         folder = reg.resolve(NAME, local_path)
     except reg.MissingWeightsError as exc:
         return str(exc)
-    missing = _missing_imports(folder)
+    needed = _imports(folder)
+    missing = ["transformers"] if needed is None else \
+        sorted(pkg for pkg in needed if importlib.util.find_spec(pkg) is None)
     if missing:
         paired = [p for p in missing if p in _TORCH_PAIRED]
         how = _INSTALL_HINT if paired else f"install them with `pip install {' '.join(missing)}` in the " \
                                             f"backend's environment"
         return (f"the matting model at {folder} needs Python packages that are not installed: "
                 f"{', '.join(missing)}; {how}")
-    needed = {pkg for py in folder.glob("*.py") for pkg in _get_imports(py)}
     for pkg in sorted(needed.intersection(_TORCH_PAIRED)):
         err = broken_import(pkg)
         if err:
