@@ -7,6 +7,7 @@
 #   bash install_scripts/install.sh --cuda     # force a CUDA build (+ gsplat)
 #   bash install_scripts/install.sh --no-test  # skip pytest, bpy and the glTF validator (runtime only)
 #   bash install_scripts/install.sh --matting  # also BiRefNet's packages + the torchvision built for this torch
+#   bash install_scripts/install.sh --ray      # also Ray for `stag4d serve --engine ray` (the tests get it anyway)
 #   bash install_scripts/install.sh --blender-versions 4.2,4.5   # also side environments .venv-bpy-4.2, ...
 #                                  (bpy wheels of older Blender releases for the version-matrix test; 'all':
 #                                  every release in install_scripts/blender_versions.txt)
@@ -18,6 +19,7 @@ PYTHON="${PYTHON:-python3}"
 MODE="auto"
 WITH_TEST=1
 WITH_MATTING=0
+WITH_RAY=0
 BLENDER_VERSIONS=""
 want_versions=0
 for arg in "$@"; do
@@ -29,7 +31,8 @@ for arg in "$@"; do
     --cuda) MODE="cuda" ;;
     --no-test) WITH_TEST=0 ;;
     --matting) WITH_MATTING=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --ray) WITH_RAY=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -89,6 +92,8 @@ fi
 EXTRAS=""
 [ "$MODE" = "cuda" ] && EXTRAS="cuda"
 [ "$WITH_TEST" = 1 ] && EXTRAS="${EXTRAS:+$EXTRAS,}test"
+# Ray: the scale-out engine's tests run a local Ray cluster, so the test environment has it too.
+{ [ "$WITH_RAY" = 1 ] || [ "$WITH_TEST" = 1 ]; } && EXTRAS="${EXTRAS:+$EXTRAS,}ray"
 step "installing the backend (editable)${EXTRAS:+ with extras [$EXTRAS]}"
 "${PIP[@]}" -e "$ROOT${EXTRAS:+[$EXTRAS]}" || fail "pip could not install the backend; see the error above"
 

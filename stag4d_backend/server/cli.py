@@ -53,6 +53,44 @@ def _devices(text: str) -> str:
     return text
 
 
+def _gpus(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GPUs") from None
+    if not 0 <= v <= 64:
+        raise argparse.ArgumentTypeError(f"{text}: must be between 0 and 64")
+    return v
+
+
+def _ray_resources(text: str) -> str:
+    from .engine import parse_resources
+
+    try:
+        parse_resources(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_engine_arguments(p) -> None:
+    """--engine and the Ray engine's flags (docs/scale-out.md)."""
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: worker processes on this machine (default); ray: one Ray task per job on a Ray "
+                        "cluster (needs the [ray] extra and a jobs dir every node sees at the same path)")
+    p.add_argument("--ray-address", default="auto",
+                   help="the Ray cluster: auto (the one `ray start` made on this machine; default), HOST:PORT, or "
+                        "local (a private one-machine cluster started with the server)")
+    p.add_argument("--ray-gpus-per-job", type=_gpus, default=1.0,
+                   help="GPUs each job asks Ray for (default 1; 0 runs jobs on CPUs)")
+    p.add_argument("--ray-cpus-per-job", type=_gpus, default=1.0, help="CPUs each job asks Ray for (default 1)")
+    p.add_argument("--ray-resources", type=_ray_resources, default=None,
+                   help='custom Ray resources per job as JSON, e.g. \'{"stag4d_job": 1}\' (caps how many run at once '
+                        'when the nodes declare that many)')
+    p.add_argument("--ray-max-retries", type=_count, default=3,
+                   help="times Ray retries a job whose worker or node was lost (from its checkpoint; default 3)")
+
+
 def add_serve_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; anything else makes the token "
@@ -71,6 +109,7 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--no-resume", action="store_true",
                    help="do not resume jobs interrupted by a crash or shutdown on start (resume them on request)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
+    add_engine_arguments(p)
     prog = p.prog
 
     def one_line_error(message: str):  # argparse's default prints the whole usage first
@@ -123,12 +162,33 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _make_engine(args, notes: list[str]):
+    """(the engine, the devices the job manager schedules on: None = probe). RuntimeError with a one-line reason
+    when the Ray engine cannot start."""
+    from .devices import parse_devices
+    from .engine import LocalEngine
+
+    if getattr(args, "engine", "local") != "ray":
+        return LocalEngine(), parse_devices(args.device)
+    from .engine import parse_resources
+
+    try:
+        from .ray_engine import RayEngine
+    except ImportError as exc:
+        raise RuntimeError(f"--engine ray needs Ray: pip install 'stag4d-backend[ray]' ({exc})") from None
+    engine = RayEngine(args.ray_address, gpus_per_job=args.ray_gpus_per_job, cpus_per_job=args.ray_cpus_per_job,
+                       resources=parse_resources(args.ray_resources), max_retries=args.ray_max_retries)
+    notes.append(f"engine ray: cluster {engine.cluster()}; each job asks for {args.ray_cpus_per_job:g} CPU, "
+                 f"{args.ray_gpus_per_job:g} GPU{', ' + args.ray_resources if args.ray_resources else ''}")
+    return engine, [engine.name]  # Ray places the jobs: one pseudo-device, every queued job handed over
+
+
 def run_serve(args) -> int:
     import uvicorn
 
     from .app import Settings, create_app
     from .auth import TokenFileError, default_token_file, load_or_create_token
-    from .devices import parse_devices, probe_devices
+    from .devices import probe_devices
     from .jobs import JobManager, ServerLockError
 
     def fail(message: str) -> int:
@@ -155,15 +215,22 @@ def run_serve(args) -> int:
         return fail(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})")
     bound_host, bound_port = sock.getsockname()[:2]
 
+    try:
+        engine, devices = _make_engine(args, notes)
+    except RuntimeError as exc:
+        sock.close()
+        return fail(str(exc))
     settings = Settings(jobs_dir=jobs_dir, token=token, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                         allow_server_paths=args.allow_server_paths, jobs_per_device=args.jobs_per_device,
-                        devices=parse_devices(args.device), auto_resume=not args.no_resume)
+                        devices=devices, auto_resume=not args.no_resume)
     manager = JobManager(jobs_dir, settings.devices, settings.jobs_per_device, settings.auto_resume,
-                         probe=probe_devices, on_note=lambda m: print(f"stag4d serve: {m}", file=sys.stderr))
+                         probe=probe_devices, on_note=lambda m: print(f"stag4d serve: {m}", file=sys.stderr),
+                         engine=engine)
     try:
         notes += manager.start()
     except ServerLockError as exc:
         sock.close()
+        engine.close()
         return fail(str(exc))
 
     address = {"url": f"http://{_url_host(bound_host)}:{bound_port}", "host": bound_host, "port": bound_port,

@@ -4,8 +4,9 @@ Who writes a job's job.json and events.jsonl: the server only while no worker ru
 cancelled while queued, interrupted, worker crashed), the worker while it runs. So the two never append events
 at the same time and the numbering stays gapless.
 
-Workers are spawned only from the scheduler thread, which lives as long as the server: PR_SET_PDEATHSIG fires
-when the *thread* that forked the child exits, so spawning from a short-lived request thread would kill the job.
+Workers are started by the engine (engine.py: local processes or Ray tasks) only from the scheduler thread, which
+lives as long as the server: PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so spawning
+from a short-lived request thread would kill the job.
 
 On start-up every job directory is looked at: a job left "running" (the server was killed) is marked
 "interrupted" and, like "queued" ones and ones interrupted by a shutdown, queued again (``auto_resume``); its
@@ -19,8 +20,6 @@ import fcntl
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, STATES, Job
+from .engine import Engine, Handle, LocalEngine
 from .files import is_job_id, job_path, new_job_id
 from .worker import CANCEL_FILE, LOCK_FILE
 
@@ -53,21 +53,12 @@ class ServerLockError(RuntimeError):
 @dataclass
 class Running:
     job_id: str
-    proc: subprocess.Popen
+    handle: Handle
     device: str
-    log: object
     started: float
     stop_sent: float | None = None
     cancel_requested: bool = False
     deleting: bool = False
-
-
-def _worker_env() -> dict:
-    env = dict(os.environ)
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 def _is_our_worker(pid: int, job_dir: Path) -> bool:
@@ -93,8 +84,9 @@ def repair_events(job_dir: Path) -> None:
 class JobManager:
     def __init__(self, jobs_dir: Path, devices: list[str] | None, jobs_per_device: int = 1,
                  auto_resume: bool = True, probe: Callable[[], tuple[list[str], str | None]] | None = None,
-                 on_note: Callable[[str], None] | None = None):
+                 on_note: Callable[[str], None] | None = None, engine: Engine | None = None):
         self.jobs_dir = Path(jobs_dir)
+        self.engine: Engine = engine or LocalEngine()
         self.jobs_per_device = jobs_per_device
         self.auto_resume = auto_resume
         self.devices: list[str] | None = devices
@@ -149,6 +141,7 @@ class JobManager:
                 self._thread.join(10)
         with self._cond:
             self._reap()
+        self.engine.close()
         if self._server_lock is not None:
             os.close(self._server_lock)
             self._server_lock = None
@@ -231,7 +224,9 @@ class JobManager:
         if not self._queue or not self.devices:
             return
         for device in self.devices:
-            while sum(r.device == device for r in self._running.values()) < self.jobs_per_device:
+            # An engine that queues jobs itself (Ray) gets every queued job at once.
+            while (self.engine.hands_over_queue
+                   or sum(r.device == device for r in self._running.values()) < self.jobs_per_device):
                 # A resumed job whose previous worker is still exiting waits for it (the worker lock).
                 ready = [j for j in self._queue if j not in self._running]
                 if not ready:
@@ -244,26 +239,16 @@ class JobManager:
                     self._server_write(job_id, "failed", error=f"cannot start the worker: {exc}")
 
     def _spawn(self, job_id: str, device: str) -> None:
-        job_dir = self.jobs_dir / job_id
-        Job(job_dir).update(state="running", device=device, error=None)
-        log = open(job_dir / "worker.log", "ab")
-        cmd = [sys.executable, "-m", "stag4d_backend.server.worker", str(job_dir.resolve()), "--device", device,
-               "--parent-pid", str(os.getpid())]
-        try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_worker_env(),
-                                    start_new_session=True, close_fds=True)
-        except OSError:
-            log.close()
-            raise
-        self._running[job_id] = Running(job_id, proc, device, log, time.time())
+        handle = self.engine.start(self.jobs_dir / job_id, device)
+        self._running[job_id] = Running(job_id, handle, device, time.time())
 
     def _reap(self) -> None:
         for job_id, r in list(self._running.items()):
-            rc = r.proc.poll()
+            rc = r.handle.poll()
             if rc is None:
                 continue
             del self._running[job_id]
-            r.log.close()
+            r.handle.close()
             if r.deleting:
                 continue
             try:
@@ -277,21 +262,22 @@ class JobManager:
             elif self._stopping:
                 self._server_write(job_id, "interrupted", message="the server stopped")
             else:
-                how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-                self._server_write(job_id, "failed", error=f"the worker process {how}; see worker.log")
+                self._server_write(job_id, "failed", error=r.handle.describe_exit(rc))
         self._cond.notify_all()
 
     def _escalate(self) -> None:
         now = time.monotonic()
         for r in self._running.values():
-            if r.stop_sent is not None and now - r.stop_sent > CANCEL_GRACE_S and r.proc.poll() is None:
+            if r.stop_sent is not None and now - r.stop_sent > CANCEL_GRACE_S and r.handle.poll() is None:
                 self._signal(r, signal.SIGKILL)
 
     @staticmethod
     def _signal(r: Running, sig: int) -> None:
-        if r.stop_sent is None or sig == signal.SIGKILL:
-            with contextlib.suppress(ProcessLookupError):
-                r.proc.send_signal(sig)
+        """SIGTERM: stop at the next step boundary; SIGKILL: end now (whatever the engine, these two meanings)."""
+        if sig == signal.SIGKILL:
+            r.handle.kill()
+        elif r.stop_sent is None:
+            r.handle.stop()
         if r.stop_sent is None:
             r.stop_sent = time.monotonic()
 
@@ -406,7 +392,7 @@ class JobManager:
                 r.deleting = True
                 self._signal(r, signal.SIGKILL)  # its files are about to go: no checkpoint needed
         if r is not None:
-            r.proc.wait()
+            r.handle.wait()
         with self._cond:
             trash = self.jobs_dir / TRASH_DIR
             trash.mkdir(exist_ok=True)

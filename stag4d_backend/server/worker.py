@@ -9,6 +9,8 @@ A fit in a separate process cannot block the server's event loop or hold its GIL
   "cancelled" if the cancel file exists (a user's cancel), else as "interrupted" (the server is shutting down;
   it resumes the job on its next start).
 Exit codes: 0 finished / cancelled / interrupted, 1 failed, 75 another worker holds the job.
+
+The Ray engine's task (ray_engine.py) runs a job through the same ``StopSignals`` and ``run_locked``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import ctypes
 import fcntl
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -64,14 +67,28 @@ def die_with_parent(parent_pid: int) -> None:
         threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-class StopSignals:
-    """The job's ``should_stop()``: a signal arrived or the cancel file exists."""
+def wait_lock(job_dir: Path, wait_s: float, every_s: float = 0.5) -> int | None:
+    """The job's lock, waiting up to ``wait_s`` for a previous holder to let go (None if it does not)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        fd = try_lock(job_dir)
+        if fd is not None or time.monotonic() >= deadline:
+            return fd
+        time.sleep(every_s)
 
-    def __init__(self, job_dir: Path):
+
+class StopSignals:
+    """The job's ``should_stop()``: a signal arrived or the cancel file exists. ``restore()`` puts the previous
+    signal handlers back (a Ray worker process runs other tasks after this one)."""
+
+    def __init__(self, job_dir: Path, signals=(signal.SIGTERM, signal.SIGINT)):
         self.cancel_file = job_dir / CANCEL_FILE
         self.signalled = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True
@@ -96,15 +113,25 @@ def main(argv: list[str] | None = None) -> int:
     if lock is None:
         print(f"{job_dir}: another worker is running this job", file=sys.stderr)
         return EXIT_BUSY
+    try:
+        state = run_locked(job_dir, args.device, stop)
+    finally:
+        os.close(lock)
+    if state == "failed":  # the details for worker.log (the job and its events carry the one-line error)
+        from ..job import Job
+
+        print(Job(job_dir).read().get("traceback") or "", file=sys.stderr)
+    return 1 if state == "failed" else 0
+
+
+def run_locked(job_dir: Path, device: str | None, stop: StopSignals, **record) -> str:
+    """Run (or resume) the job whose lock the caller holds; returns its final state. ``record``: extra job.json
+    facts about this worker (the engine's)."""
     from ..job import Job
     from ..pipeline import run_job
 
-    Job(job_dir).update(worker_pid=os.getpid(), device=args.device)
-    state = run_job(job_dir, should_stop=stop, device=args.device, stop_state=stop.state)
-    if state == "failed":  # the details for worker.log (the job and its events carry the one-line error)
-        print(Job(job_dir).read().get("traceback") or "", file=sys.stderr)
-    os.close(lock)
-    return 1 if state == "failed" else 0
+    Job(job_dir).update(worker_pid=os.getpid(), worker_host=socket.gethostname(), device=device, **record)
+    return run_job(job_dir, should_stop=stop, device=device, stop_state=stop.state)
 
 
 if __name__ == "__main__":
