@@ -42,9 +42,13 @@ class RayEngineError(RuntimeError):
     pass
 
 
-def run_job_task(job_dir: str, gpus: float) -> int:
+def run_job_task(job_dir: str, gpus: float, cpus: float) -> int:
     """The body of a job's Ray task (on whichever node Ray picked): 0 when the job recorded its end, 1 when it
     failed, 75 when another worker kept holding the job."""
+    if gpus <= 0:  # a CPU fit's floats depend on the thread count: as many threads as CPUs asked for, always
+        import torch
+
+        torch.set_num_threads(max(1, int(cpus)))
     from .jobs import repair_events
     from .worker import StopSignals, run_locked, wait_lock
 
@@ -135,7 +139,7 @@ class RayEngine:
 
     def __init__(self, address: str = "auto", gpus_per_job: float = 1.0, resources: dict | None = None,
                  max_retries: int = DEFAULT_MAX_RETRIES, cpus_per_job: float = 1.0):
-        self.gpus_per_job = float(gpus_per_job)
+        self.gpus_per_job, self.cpus_per_job = float(gpus_per_job), float(cpus_per_job)
         try:
             if not ray.is_initialized():
                 ray.init(address=None if address == "local" else address, include_dashboard=False,
@@ -151,7 +155,8 @@ class RayEngine:
     def start(self, job_dir: Path, device: str) -> RayHandle:
         # The job stays "queued" in job.json until Ray starts the task (run_job then says "running").
         Job(job_dir).update(device=f"ray ({'GPU' if self.gpus_per_job > 0 else 'CPU'})", error=None)
-        return RayHandle(self._task.remote(str(Path(job_dir).resolve()), self.gpus_per_job))
+        return RayHandle(self._task.remote(str(Path(job_dir).resolve()), self.gpus_per_job,
+                                            self.cpus_per_job))
 
     def cluster(self) -> dict:
         """What the cluster offers (for the operator's start-up note)."""
