@@ -60,22 +60,31 @@ class RayCluster:
         return self
 
     def pids(self) -> list[int]:
-        """The processes of this cluster (its process group)."""
-        out = []
+        """The processes of this cluster: `ray start` and its descendants (Ray's workers have sessions of their
+        own, so the process group is not enough)."""
+        parents = {}
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 try:
-                    if os.getpgid(int(entry.name)) == self.proc.pid:
-                        out.append(int(entry.name))
-                except OSError:
+                    stat = (entry / "stat").read_text()
+                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
                     pass
+        out = []
+        for pid in parents:
+            p = pid
+            while p > 1 and p != self.proc.pid:
+                p = parents.get(p, 0)
+            if p == self.proc.pid:
+                out.append(pid)
         return out
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # `ray start --block` ignores SIGTERM; the group is ours
-            except ProcessLookupError:
-                pass
+            for pid in self.pids():  # `ray start --block` ignores SIGTERM; these are ours, by id
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait(10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

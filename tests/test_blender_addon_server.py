@@ -240,13 +240,20 @@ def test_client_errors_name_the_problem():
         Client("", "t")
 
 
-def test_remote_backend_uploads_the_input_file(scene, addon, tmp_path):
+@pytest.fixture
+def remote_server(addon):
+    """The server the remote-backend tests talk to (url, token): here the add-on's own local server;
+    test_server_ray.py runs the same tests against a `stag4d serve --engine ray` by overriding this fixture."""
+    if not MANAGER.running:
+        MANAGER.ensure_local(sys.executable, addon.results / "jobs", addon.results / "token")
+    return MANAGER.server
+
+
+def test_remote_backend_uploads_the_input_file(scene, addon, remote_server, tmp_path):
     """Remote servers get the file itself (multipart upload), not a path on this machine."""
     from PIL import Image
 
-    if not MANAGER.running:
-        MANAGER.ensure_local(sys.executable, addon.results / "jobs", addon.results / "token")
-    srv = MANAGER.server
+    srv = remote_server
     img = tmp_path / "toy.png"
     Image.new("RGBA", (48, 48), (200, 60, 40, 255)).save(img)
     prefs = addon.prefs
@@ -265,11 +272,9 @@ def test_remote_backend_uploads_the_input_file(scene, addon, tmp_path):
         prefs.backend, prefs.remote_token = "LOCAL", ""
 
 
-def test_remote_backend_downloads_the_result(scene, addon):
+def test_remote_backend_downloads_the_result(scene, addon, remote_server):
     """A remote server's results are mirrored under <results>/remote/<job id> and imported from there."""
-    if not MANAGER.running:
-        MANAGER.ensure_local(sys.executable, addon.results / "jobs", addon.results / "token")
-    srv = MANAGER.server
+    srv = remote_server
     prefs = addon.prefs
     prefs.backend, prefs.remote_url, prefs.remote_token = "REMOTE", srv.url, srv.token
     try:
