@@ -77,6 +77,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(s)
 
+    from .submit import add_submit_arguments
+
+    add_submit_arguments(sub.add_parser("submit", help="send many inputs (and seeds) to a `stag4d serve`, show a "
+                                                       "progress bar per job, download the bakes"))
+
     m = sub.add_parser("models", help="list or download the diffusion models")
     from .models.cli import add_models_arguments
 
@@ -296,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         from .server.cli import run_serve
 
         return run_serve(args)
+    if args.command == "submit":
+        from .submit import run_submit
+
+        return run_submit(args)
     if args.command == "models":
         from .models.cli import run_models
 

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +164,48 @@ def test_cancel_and_delete_reach_a_running_ray_job(ray_server):
         # The slot is free again: a new job runs to the end.
         again = c.post("/v1/jobs", json={"kind": "example", "options": dict(TINY, iters=5)}).json()["id"]
         assert wait_job(c, again, timeout=120)["state"] == "finished"
+
+
+def test_submit_batch_client_waits_and_downloads_the_bakes(ray_server, tmp_path):
+    """`stag4d submit`: two seed variants of the example, one progress line per change, the bakes downloaded;
+    an uploaded input file becomes a job of its own (not waited for here)."""
+    from PIL import Image
+
+    out = tmp_path / "bakes"
+    cmd = [sys.executable, "-m", "stag4d_backend.cli", "submit", "--server", ray_server.url, "--token-file",
+           str(ray_server.token_file), "--example", "1", "--seeds", "3,4", "--preset", "tiny", "--iters", "5",
+           "--formats", "usd,ply", "--option", "example_frames=4", "--option", "example_size=48",
+           "--option", "example-gaussians=400", "--wait", "--download", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(x["label"], x["state"]) for x in lines] == [("example-seed3", "finished"), ("example-seed4", "finished")]
+    for x in lines:
+        job_dir = ray_server.jobs_dir / x["id"]
+        assert Job(job_dir).read()["request"]["options"]["seed"] == int(x["label"][-1])
+        got = sorted(p.relative_to(x["download"]).as_posix() for p in Path(x["download"]).rglob("*") if p.is_file())
+        assert got == sorted(p.relative_to(job_dir).as_posix() for p in (job_dir / "bake").rglob("*") if p.is_file())
+        assert {"bake/gaussians.usdc", *(f"bake/ply/{k:04d}.ply" for k in range(4))} <= set(got)
+        for name in got:
+            assert (Path(x["download"]) / name).read_bytes() == (job_dir / name).read_bytes()
+    assert f"example-seed3 ({lines[0]['id']}): finished" in res.stderr  # no terminal: a line per change
+
+    img = tmp_path / "toy.png"
+    Image.new("RGBA", (48, 48), (200, 60, 40, 255)).save(img)
+    res = subprocess.run(cmd[:8] + [str(img), "--quiet"], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    (line,) = [json.loads(x) for x in res.stdout.splitlines()]
+    assert line["label"] == "toy" and line["input"] == str(img)
+    with ray_server.client() as c:
+        job = c.get(f"/v1/jobs/{line['id']}").json()
+        assert job["request"]["source"] == "upload" and job["request"]["filename"] == "toy.png"
+        c.post(f"/v1/jobs/{line['id']}/cancel")
+        assert wait_job(c, line["id"], timeout=60)["state"] in ("cancelled", "failed")  # failed: no video weights
+
+    bad = subprocess.run(cmd[:8] + [str(tmp_path / "missing.mp4")], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert bad.returncode == 2 and "missing.mp4: no such file" in bad.stderr
 
 
 @pytest.fixture
