@@ -119,6 +119,13 @@ def run_stages(job: Job, stages: list[Stage], progress: StageProgress | None = N
                      **({"step": exc.step} if exc.step is not None else {}))
             job.update(state=state)
             raise
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # The process is being ended (Ctrl-C; Ray ending a worker whose server is gone): not the job's fault.
+            # It resumes from its last checkpoint ("interrupted"), like a stop at a step boundary.
+            job.emit("stage_stopped", stage=stage.name, state="interrupted",
+                     message=f"the process was ended ({type(exc).__name__})")
+            job.update(state="interrupted")
+            raise
         except BaseException as exc:
             job.emit("stage_failed", stage=stage.name, error=_one_line(exc))
             job.update(state="failed", error=_one_line(exc))
@@ -266,6 +273,9 @@ def run_job(job_dir: str | Path, progress: StageProgress | None = None, should_s
         state = job.read().get("state", "cancelled")
         job.emit("job_state", state=state)
         return state
+    except (KeyboardInterrupt, SystemExit):
+        job.emit("job_state", state="interrupted")
+        raise
     except Exception as exc:
         return _fail(job, exc, with_traceback=True)
     job.emit("job_state", state="finished", result=job.read().get("result"))

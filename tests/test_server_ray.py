@@ -4,7 +4,8 @@ the custom resource ``stag4d_job: 2``), one cluster and one server for the whole
 - four jobs submitted at once run two at a time (each asks for ``stag4d_job: 1``), all finish, and their outputs
   equal the local engine's worker for the same request, bit for bit; one of them loses its Ray worker process
   (kill -9) in the middle of its fit, and Ray's retry resumes it from its checkpoint with the same outputs;
-- cancel and delete reach a running Ray job;
+- cancel and delete reach a running Ray job; a server killed with a Ray job in flight resubmits it on restart;
+- `stag4d submit` (the batch client) against it;
 - the add-on's remote-backend test passes unchanged against the Ray-engine server.
 
 A CPU fit's floats depend on the torch thread count: the Ray task uses as many threads as CPUs it asked for (1
@@ -27,8 +28,7 @@ pytest.importorskip("ray", reason="the [ray] extra is not installed (install_scr
 
 from stag4d_backend.job import Job  # noqa: E402
 from ray_cluster import RayCluster  # noqa: E402
-from test_server_support import (REPO, TINY, Server, assert_same_deformation, pid_alive, wait_event,  # noqa: E402
-                                 wait_job)
+from test_server_support import REPO, TINY, Server, assert_same_deformation, pid_alive, wait_job  # noqa: E402
 
 try:  # the add-on's remote-backend tests, collected here again and run against this module's Ray-engine server
     from test_blender_addon_server import (addon, scene, test_remote_backend_downloads_the_result,  # noqa: F401
@@ -80,6 +80,18 @@ def ray_server(tmp_path_factory, local_reference):
         os.environ.clear()
         os.environ.update(saved)
         cluster.stop()
+
+
+def wait_event(client, job_id: str, pred, timeout: float = 120.0) -> dict:
+    """The first event of the job that ``pred`` accepts (long-polled JSON pages; bounded by ``timeout``)."""
+    deadline, since = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        page = client.get(f"/v1/jobs/{job_id}/events", params={"format": "json", "since": since, "wait": 1}).json()
+        for ev in page["events"]:
+            if pred(ev):
+                return ev
+        since = page["next"]
+    raise AssertionError(f"no such event of {job_id} within {timeout} s: {client.get(f'/v1/jobs/{job_id}').json()}")
 
 
 def _attempts(events: list[dict]) -> list[tuple[float, float]]:
@@ -138,32 +150,47 @@ def test_four_jobs_run_two_at_a_time_survive_a_lost_worker_and_equal_the_local_e
         assert_same_deformation(ray_server.jobs_dir / job_id, reference)
 
 
-def test_cancel_and_delete_reach_a_running_ray_job(ray_server):
+def _fit_step(at_least: int):
+    return lambda e: e["kind"] == "progress" and e["stage"] == "fit" and e["step"] >= at_least
+
+
+def test_cancel_server_restart_and_delete_on_a_running_ray_job(ray_server):
     with ray_server.client() as c:
         job_id = c.post("/v1/jobs", json={"kind": "example", "options": dict(TINY, iters=3000)}).json()["id"]
-        wait_event(c, job_id, lambda e: e["kind"] == "progress" and e["stage"] == "fit" and e["step"] >= 3)
-        pid = json.loads((ray_server.jobs_dir / job_id / "job.json").read_text())["worker_pid"]
+        wait_event(c, job_id, _fit_step(3))
+        job_dir = ray_server.jobs_dir / job_id
+        pid = Job(job_dir).read()["worker_pid"]
         assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
         final = wait_job(c, job_id, timeout=60)
         assert final["state"] == "cancelled", final
-        evs = c.get(f"/v1/jobs/{job_id}/events").json()["events"]
-        stopped = [e for e in evs if e["kind"] == "stage_stopped"]
+        stopped = [e for e in c.get(f"/v1/jobs/{job_id}/events").json()["events"] if e["kind"] == "stage_stopped"]
         assert [(e["stage"], e["state"]) for e in stopped] == [("fit", "cancelled")]  # at a step boundary
-        assert stopped[0]["step"] < 3000
-        checkpoint = torch.load(ray_server.jobs_dir / job_id / "model" / "state.pt", weights_only=False)["it"]
-        assert checkpoint == stopped[0]["step"]  # it checkpointed before it stopped
-        assert pid_alive(pid)  # the Ray worker process itself lives on for the next task
-
-        # Resume it, then delete it while it runs: the worker stops, the directory goes, the id is unknown.
+        checkpoint = torch.load(job_dir / "model" / "state.pt", weights_only=False)["it"]
+        assert checkpoint == stopped[0]["step"] < 3000  # it checkpointed before it stopped
+        assert pid_alive(pid)  # the Ray worker process lives on for the next task
         assert c.post(f"/v1/jobs/{job_id}/resume").status_code == 202
-        wait_event(c, job_id, lambda e: e["kind"] == "progress" and e["stage"] == "fit"
-                   and e["step"] >= checkpoint + 2)
+        wait_event(c, job_id, _fit_step(checkpoint + 2))
+
+    # The server dies with the job in flight: Ray ends the tasks of its driver; the next server resubmits it.
+    pid = Job(job_dir).read()["worker_pid"]
+    ray_server.kill9()
+    deadline = time.monotonic() + 30
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, "Ray kept the task of a dead server running"
+        time.sleep(0.1)
+    n0 = len(Job(job_dir).events())
+    ray_server.start(timeout=120)
+    with ray_server.client() as c:
+        wait_event(c, job_id, lambda e: e["n"] >= n0 and _fit_step(1)(e))  # a fit step of the resubmitted task
+        states = [e["state"] for e in c.get(f"/v1/jobs/{job_id}/events").json()["events"] if e["kind"] == "job_state"]
+        assert states == ["queued", "running", "cancelled", "queued", "running", "interrupted", "queued", "running"]
+
+        # Delete it while it runs: the worker stops, the directory goes, the id is unknown.
         assert c.delete(f"/v1/jobs/{job_id}").status_code == 204
         assert c.get(f"/v1/jobs/{job_id}").status_code == 404
-        assert not (ray_server.jobs_dir / job_id).exists()
-        # The slot is free again: a new job runs to the end.
+        assert not job_dir.exists()
         again = c.post("/v1/jobs", json={"kind": "example", "options": dict(TINY, iters=5)}).json()["id"]
-        assert wait_job(c, again, timeout=120)["state"] == "finished"
+        assert wait_job(c, again, timeout=120)["state"] == "finished"  # the slots are free again
 
 
 def test_submit_batch_client_waits_and_downloads_the_bakes(ray_server, tmp_path):

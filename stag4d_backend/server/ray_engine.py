@@ -148,6 +148,9 @@ class RayEngine:
             hint = "" if address == "local" else " (start one with `ray start --head`, or use --ray-address local)"
             raise RayEngineError(f"--ray-address {address}: cannot connect to a Ray cluster: "
                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}{hint}") from None
+        # Ray builds its serialization context on the first call; here, in the main thread, not in the scheduler
+        # thread while uvicorn imports pydantic (a concurrent import there fails with KeyError 'pydantic.v1').
+        ray.get(ray.put(None))
         self._task = ray.remote(run_job_task).options(
             num_cpus=cpus_per_job, num_gpus=self.gpus_per_job, resources=dict(resources or {}),
             max_retries=max_retries, retry_exceptions=False, name="stag4d-job")
@@ -155,8 +158,11 @@ class RayEngine:
     def start(self, job_dir: Path, device: str) -> RayHandle:
         # The job stays "queued" in job.json until Ray starts the task (run_job then says "running").
         Job(job_dir).update(device=f"ray ({'GPU' if self.gpus_per_job > 0 else 'CPU'})", error=None)
-        return RayHandle(self._task.remote(str(Path(job_dir).resolve()), self.gpus_per_job,
-                                            self.cpus_per_job))
+        try:
+            ref = self._task.remote(str(Path(job_dir).resolve()), self.gpus_per_job, self.cpus_per_job)
+        except Exception as exc:  # noqa: BLE001 - the cluster refused or is gone: the job fails with the reason
+            raise OSError(f"Ray did not take the job ({type(exc).__name__}: {exc})") from None
+        return RayHandle(ref)
 
     def cluster(self) -> dict:
         """What the cluster offers (for the operator's start-up note)."""
