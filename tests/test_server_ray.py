@@ -183,7 +183,10 @@ def test_cancel_server_restart_and_delete_on_a_running_ray_job(ray_server):
     with ray_server.client() as c:
         wait_event(c, job_id, lambda e: e["n"] >= n0 and _fit_step(1)(e))  # a fit step of the resubmitted task
         states = [e["state"] for e in c.get(f"/v1/jobs/{job_id}/events").json()["events"] if e["kind"] == "job_state"]
-        assert states == ["queued", "running", "cancelled", "queued", "running", "interrupted", "queued", "running"]
+        # Ray ends the dead server's task with SystemExit (recorded: "interrupted") or kills its process first
+        # (the next server records it); either way the job is queued again and resumes.
+        assert states[:5] == ["queued", "running", "cancelled", "queued", "running"], states
+        assert states[-2:] == ["queued", "running"] and set(states[5:-2]) <= {"interrupted"}, states
 
         # Delete it while it runs: the worker stops, the directory goes, the id is unknown.
         assert c.delete(f"/v1/jobs/{job_id}").status_code == 204
