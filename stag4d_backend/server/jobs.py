@@ -255,6 +255,11 @@ class JobManager:
                 state = Job(self.jobs_dir / job_id).read().get("state")
             except (OSError, ValueError):
                 continue
+            if r.cancel_requested and state == "interrupted":
+                # A user's cancel that the worker took for an interruption (it did not see .cancel: a shared
+                # folder's stale lookup cache on another node); record what the user asked for.
+                self._server_write(job_id, "cancelled")
+                continue
             if state in ENDED_STATES:
                 continue  # the worker recorded how it ended
             if r.cancel_requested:

@@ -92,7 +92,11 @@ class RayHandle:
     def poll(self) -> int | None:
         if self.rc is not None:
             return self.rc
-        ready, _ = ray.wait([self.ref], timeout=0)
+        try:
+            ready, _ = ray.wait([self.ref], timeout=0)
+        except Exception as exc:  # noqa: BLE001 - the driver lost the cluster (head gone): the job ends here
+            self.rc, self.error = -1, f"lost the Ray cluster ({type(exc).__name__}: {exc})"
+            return self.rc
         if not ready:
             return None
         try:
