@@ -242,3 +242,15 @@ def test_submit_batch_client_waits_and_downloads_the_bakes(ray_server, tmp_path)
 def remote_server(ray_server):
     """Overrides test_blender_addon_server's: the add-on's remote-backend tests talk to the Ray-engine server."""
     return ray_server
+
+
+def test_bad_ray_flags_are_one_line_errors_before_ray_starts(tmp_path):
+    for flag, value, message in (("--ray-resources", '{"CPU": 1}', "CPU are Ray's own"),
+                                 ("--ray-resources", "{stag4d_job: 1}", "not JSON"),
+                                 ("--ray-resources", '{"stag4d_job": -1}', "positive amounts"),
+                                 ("--ray-gpus-per-job", "-1", "between 0 and 64")):
+        res = subprocess.run([sys.executable, "-m", "stag4d_backend.cli", "serve", "--engine", "ray", flag, value,
+                              "--jobs-dir", str(tmp_path / "jobs"), "--token-file", str(tmp_path / "token")],
+                             capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert res.returncode == 2 and message in res.stderr and res.stdout == "", (flag, value, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1

@@ -172,6 +172,8 @@ def _make_engine(args, notes: list[str]):
         return LocalEngine(), parse_devices(args.device)
     from .engine import parse_resources
 
+    if args.ray_address == "local":  # a private one-machine cluster: Ray on loopback only (read when ray loads)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         from .ray_engine import RayEngine
     except ImportError as exc:
