@@ -182,6 +182,7 @@ class Bars:
         self.bars = [tqdm(total=1, position=i, leave=True, desc=s.label.ljust(width), unit="step",
                           disable=not self.live, dynamic_ncols=True) for i, s in enumerate(specs)]
         self.last: list[tuple | None] = [None] * len(specs)
+        self.t0 = time.monotonic()
 
     def update(self, i: int, spec: Spec) -> None:
         job = spec.job
@@ -197,8 +198,11 @@ class Bars:
                 bar.n = min(step or 0, total)
             if job["state"] == "finished":
                 bar.n = bar.total
-            bar.set_postfix_str(f"{job['state']}{' ' + stage if stage and job['state'] == 'running' else ''}",
-                                refresh=False)
+            text = f"{job['state']}{' ' + stage if stage and job['state'] == 'running' else ''}"
+            if job["state"] in TERMINAL and key != self.last[i]:  # freeze the line: no clock after the end
+                took = bar.format_interval(time.monotonic() - self.t0)
+                bar.bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [" + f"{job['state']} {took} after submit]"
+            bar.set_postfix_str(text, refresh=False)
             bar.refresh()
         elif not self.quiet and key != self.last[i]:
             print(f"{spec.label} ({job['id']}): {job['state']}{' ' + stage if stage else ''}", file=sys.stderr)
@@ -207,6 +211,9 @@ class Bars:
     def close(self) -> None:
         for bar in self.bars:
             bar.close()
+        if self.live:  # clear what closed bars left below the cursor, so the JSON lines print on clean lines
+            sys.stderr.write("\r\033[J")
+            sys.stderr.flush()
 
 
 def wait_all(api: Api, specs: list[Spec], download: Path | None, quiet: bool) -> None:
