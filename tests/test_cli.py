@@ -9,7 +9,7 @@ import pytest
 from stag4d_backend import cli
 
 STAG4D = Path(sys.executable).with_name("stag4d")
-DESIGN_COMMANDS = ["generate", "fit", "render", "bake", "serve", "doctor", "models"]
+DESIGN_COMMANDS = ["generate", "fit", "render", "bake", "serve", "submit", "doctor", "models"]
 
 
 def test_console_script_help_lists_design_subcommands():
