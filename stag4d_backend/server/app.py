@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from .. import __version__
@@ -91,6 +92,10 @@ def create_app(settings: Settings, manager: JobManager | None = None, on_shutdow
     @app.exception_handler(JobError)
     async def _job_error(request: Request, exc: JobError):
         return error_response(exc.status, exc.detail)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):  # closed mid-body (or timed out): nobody to answer
+        return error_response(400, "the client closed the connection before the request's body was complete")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
