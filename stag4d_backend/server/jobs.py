@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, STATES, Job
+from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, STATES, TERMINAL_STATES, Job
 from .files import is_job_id, job_path, new_job_id
 from .worker import CANCEL_FILE, LOCK_FILE
 
@@ -360,7 +360,8 @@ class JobManager:
         path = self._dir(job_id)
         with self._cond:
             r = self._running.get(job_id)
-            if r is not None:
+            # A worker that has recorded its end but is not reaped yet (the 50 ms tick) has nothing left to cancel.
+            if r is not None and Job(path).read().get("state") not in TERMINAL_STATES:
                 if not r.cancel_requested:
                     (path / CANCEL_FILE).touch()
                     r.cancel_requested = True
