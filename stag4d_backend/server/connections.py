@@ -146,4 +146,5 @@ class GuardedH11Protocol(H11Protocol):
 
 def guarded_protocol(limits: ClientLimits) -> type[GuardedH11Protocol]:
     """uvicorn's h11 protocol with these limits (``uvicorn.Config(http=...)`` takes a class)."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits, "stats": dict(GuardedH11Protocol.stats)})
+    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+                {"limits": limits, "stats": dict(GuardedH11Protocol.stats)})
