@@ -316,11 +316,9 @@ class JobManager:
         at = disk_full_stage(exc)
         if at is not None:
             error = f"disk full at {stage if at == 'start' else at}"
-        elif isinstance(exc, OSError) and exc.strerror:  # strerror: the cause without the server's paths
-            error = f"{what} ({exc.strerror}); see the server's log"
-            internal_error(f"job {job_id}: {what}", exc)
-        else:
-            error = internal_error(f"job {job_id}: {what}", exc)
+        else:  # an OSError's strerror is the cause without the server's paths
+            why = f"{what} ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else what
+            error = internal_error(why, exc)
         self._set_state(job_id, "failed", error=error)
 
     def _set_state(self, job_id: str, state: str, **fields) -> None:
@@ -331,7 +329,7 @@ class JobManager:
             self._server_write(job_id, state, **fields)
         except FileNotFoundError:
             pass  # the job was deleted
-        except OSError as exc:
+        except Exception as exc:
             if disk_full_stage(exc) is None:
                 internal_error(f"job {job_id}: cannot record the state {state!r}; retrying", exc)
             self._unrecorded[job_id] = dict(fields, state=state)
@@ -340,7 +338,7 @@ class JobManager:
         for job_id, change in list(self._unrecorded.items()):
             fields = dict(change)
             state = fields.pop("state")
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # still no room: next tick
                 self._server_write(job_id, state, **fields)
                 del self._unrecorded[job_id]
             if not (self.jobs_dir / job_id).is_dir():
