@@ -301,3 +301,36 @@ def test_concurrent_create_cancel_resume_delete_never_5xx_and_end_consistent(tmp
         wait_job(c, last["id"], states=("running",), timeout=60)
         assert c.delete(f"/v1/jobs/{last['id']}").status_code == 204
         assert "Traceback" not in srv.stderr() and "Exception in thread" not in srv.stderr()
+
+
+def test_the_last_resort_handler_answers_with_an_error_id_and_logs_the_story(tmp_path, capsys):
+    """The app's handler for what nobody foresaw (in-process: no route of the real server raises one any more):
+    a 500 with a stable line and an error id, the traceback only in the log; a full disk anywhere is a 507."""
+    from fastapi.testclient import TestClient
+
+    from stag4d_backend.server.app import Settings, create_app
+
+    app = create_app(Settings(jobs_dir=tmp_path, token="t" * 43))
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError(f"cannot read {tmp_path}/secret.bin: exploded")
+
+    @app.get("/full")
+    def full():
+        try:
+            open(tmp_path / "x", "rb")
+        except OSError:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x")) from None
+
+    client = TestClient(app, raise_server_exceptions=False)
+    r = client.get("/boom")
+    detail = r.json()["detail"]
+    m = re.fullmatch(r"internal error in GET /boom \(error id (E[0-9a-f]{10})\); see the server's log", detail)
+    assert r.status_code == 500 and m, detail
+    log = capsys.readouterr().err
+    assert f"stag4d serve: error {m.group(1)}: internal error in GET /boom" in log
+    assert f"RuntimeError: cannot read {tmp_path}/secret.bin: exploded" in log
+    r = client.get("/full")
+    assert r.status_code == 507 and r.json() == {"detail": "the server's disk is full; free space (or delete jobs) "
+                                                           "and try again"}

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from ..jobs import JobError
 from ..schemas import JOB_CREATE, JobList, JobOptions, JobOut, PathJob
@@ -29,14 +30,17 @@ def _validated(validate, raw, where: tuple = ()):
 
 async def _read_json_body(request: Request) -> bytes:
     """The body, refused (413) past MAX_JSON_BYTES whatever Content-Length says."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_JSON_BYTES:
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 12 or int(declared) > MAX_JSON_BYTES):
         raise HTTPException(413, f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_JSON_BYTES:
-            raise HTTPException(413, f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_JSON_BYTES:
+                raise HTTPException(413, f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
+    except ClientDisconnect:
+        raise HTTPException(400, "the client went away before the body was complete") from None
     return bytes(body)
 
 
