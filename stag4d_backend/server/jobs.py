@@ -387,6 +387,8 @@ class JobManager:
             return Job(path).read().get("state")
         except FileNotFoundError:
             raise JobError(404, f"no job {job_id}") from None
+        except (OSError, ValueError, AttributeError):  # not JSON, or not an object
+            raise JobError(409, f"job {job_id} has an unreadable job.json; delete it") from None
 
     def create(self, request: dict, upload_path: Path | None = None, upload_suffix: str = "") -> str:
         while True:
@@ -419,6 +421,8 @@ class JobManager:
         path = self._dir(job_id)
         try:
             data = Job(path).read()
+            if not isinstance(data, dict):
+                raise ValueError("job.json holds no object")
         except (OSError, ValueError):
             raise JobError(404, f"no job {job_id} (its job.json is unreadable)") from None
         with self._cond:
