@@ -169,6 +169,9 @@ def run_serve(args) -> int:
         print(f"stag4d serve: {message}", file=sys.stderr)
         return EXIT_USAGE
 
+    # Everything the server and its workers write (job folders, inputs, outputs, logs) is the owner's only:
+    # files 0600, folders 0700, whatever --jobs-dir is (docs/server.md, "Permissions").
+    os.umask(0o077)
     token_file = Path(args.token_file).expanduser() if args.token_file else default_token_file()
     try:
         token, notes = load_or_create_token(token_file)
