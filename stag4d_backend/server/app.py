@@ -104,6 +104,11 @@ def create_app(settings: Settings, manager: JobManager | None = None, on_shutdow
             return error_response(507, DISK_FULL)
         return error_response(500, internal_error(f"internal error in {request.method} {request.url.path}", exc))
 
+    # An OSError (a full disk: 507) is answered by the same handler from Starlette's ExceptionMiddleware, which
+    # does not re-raise: the handler for Exception runs in ServerErrorMiddleware, which re-raises, so uvicorn
+    # logs the traceback again and closes the connection under a client that may already be reusing it.
+    app.add_exception_handler(OSError, _unexpected)
+
     for rt in routers:
         app.include_router(rt)
 

@@ -11,8 +11,9 @@ per connection:
 - **body**: once the head is in, the body must arrive within ``body_s`` plus one second per ``min_rate`` bytes
   received (Apache's mod_reqtimeout rule: a trickle is cut off, a big upload at any sane rate is not); time in
   which the server itself has paused reading (the app is behind) does not count;
-- **connections**: a connection beyond ``max_connections`` gets a 503 at once and is closed (lingering: its
-  request is read and dropped for a moment so the client sees the answer rather than a reset).
+- **connections**: a connection beyond ``max_connections`` gets a 503 at once and is closed;
+- **lingering close**: a connection closed with a request body still unread (that 503, or an early 413/507/401)
+  is shut for writing and drained for up to LINGER_S, so the client reads the answer instead of a reset.
 A timed-out connection is closed quietly (a count, no log line per connection)."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-REFUSAL_LINGER_S = 2.0
+LINGER_S = 2.0  # a refused or early-answered connection is drained this long at most
 _FD_RESERVE = 128  # descriptors kept for files, worker pipes and the event poller beyond the connections
 
 
@@ -60,28 +61,57 @@ def _refusal(limit: int) -> bytes:
             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
 
 
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it, but ``close()`` with a request body still unread (an early
+    413/507/401 answer) lingers: the answer is sent, our side shut (FIN), and what the client still sends is read
+    and dropped for up to LINGER_S, so its kernel does not answer the unread bytes with a reset that destroys the
+    answer before the client has read it (RFC 9112 section 9.6; Apache's and nginx's lingering close)."""
+
+    def __init__(self, transport, protocol: "GuardedH11Protocol"):
+        self.raw, self._protocol = transport, protocol
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering or self.raw.is_closing()
+
+    def close(self) -> None:
+        if self.raw.is_closing() or self._protocol.conn.their_state is not h11.SEND_BODY:
+            self.raw.close()
+        else:
+            self._protocol._linger()
+
+
 class GuardedH11Protocol(H11Protocol):
     limits = ClientLimits()
     stats = {"refused": 0, "header_timeouts": 0, "body_timeouts": 0}
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
         self._timer = None
         self._phase = "head"          # "head" | "body" | "idle" (between requests, uvicorn's keep-alive timer)
-        self._refused = False
+        self._lingering = self._refused = False
+        super().connection_made(_LingeringTransport(transport, self))
         if len(self.connections) > self.limits.max_connections:
             self.connections.discard(self)
             self._refused = True
             self.stats["refused"] += 1
             transport.write(_refusal(self.limits.max_connections))
-            if transport.can_write_eof():
-                transport.write_eof()
-            self._timer = self.loop.call_later(REFUSAL_LINGER_S, transport.abort)
+            self._linger()
             return
         self._arm(self.limits.header_s, self._head_timeout)
 
+    def _linger(self) -> None:
+        self._disarm()
+        self._lingering = True
+        raw = self.transport.raw
+        if raw.can_write_eof():
+            raw.write_eof()  # after what is buffered
+        raw.resume_reading()
+        self._timer = self.loop.call_later(LINGER_S, raw.abort)
+
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._lingering:
             return  # read and dropped until the client closes or the linger ends
         if self._phase == "idle":  # the next request starts: its head gets header_s
             self._phase = "head"
@@ -99,7 +129,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
-        if not self._refused:
+        if not self._refused:  # a refused one never was a connection to uvicorn
             super().connection_lost(exc)
 
     # -- the timers ------------------------------------------------------------------------------------------
@@ -126,7 +156,7 @@ class GuardedH11Protocol(H11Protocol):
     def _head_timeout(self) -> None:
         self._timer = None
         self.stats["header_timeouts"] += 1
-        self.transport.close()
+        self.transport.raw.close()
 
     def _body_check(self) -> None:
         self._timer = None
@@ -141,7 +171,7 @@ class GuardedH11Protocol(H11Protocol):
             self._arm(left, self._body_check)
             return
         self.stats["body_timeouts"] += 1
-        self.transport.close()
+        self.transport.raw.close()
 
 
 def guarded_protocol(limits: ClientLimits) -> type[GuardedH11Protocol]:
