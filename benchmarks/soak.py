@@ -37,6 +37,7 @@ from test_server_support import Server  # noqa: E402
 
 PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89"
        b"\x00\x00\x00\rIDATx\x9cc\xf8\xcf\xc0\xf0\x1f\x00\x05\x00\x01\xff\x89\x99=\x1d\x00\x00\x00\x00IEND\xaeB`\x82")
+SSE_S = 2.0    # one SSE session lasts this long
 MAX_JOBS = 40  # uploaders delete the oldest job beyond this
 ROLES = ("poll", "poll", "sse", "upload", "poll", "cancel", "sse", "delete", "poll", "upload")
 
@@ -94,14 +95,18 @@ def _sse(c: httpx.Client, tally: Tally, rng: random.Random, last: dict) -> None:
         headers["Last-Event-ID"] = str(last[job])
     t0 = time.monotonic()
     try:
-        with c.stream("GET", f"/v1/jobs/{job}/events", headers=headers) as r:
+        # A queued job may send nothing for 15 s (the keepalive): a read timeout ends this session, not an error.
+        with c.stream("GET", f"/v1/jobs/{job}/events", headers=headers, timeout=httpx.Timeout(10.0, read=SSE_S)) as r:
             tally.record("sse", r)
             if r.status_code == 200:
-                for line in r.iter_lines():
-                    if line.startswith("id:"):
-                        last[job] = int(line[3:].strip())
-                    if time.monotonic() - t0 > 2.0:
-                        break
+                try:
+                    for line in r.iter_lines():
+                        if line.startswith("id:"):
+                            last[job] = int(line[3:].strip())
+                        if time.monotonic() - t0 > SSE_S:
+                            break
+                except httpx.ReadTimeout:
+                    pass
     except httpx.HTTPError as exc:
         tally.record("sse", error=exc)
 

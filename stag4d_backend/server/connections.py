@@ -14,7 +14,7 @@ per connection:
 - **connections**: a connection beyond ``max_connections`` gets a 503 at once and is closed;
 - **lingering close**: a connection closed with a request body still unread (that 503, or an early 413/507/401)
   is shut for writing and drained for up to LINGER_S, so the client reads the answer instead of a reset.
-A timed-out connection is closed quietly (a count, no log line per connection)."""
+A timed-out connection is closed quietly (no log line per connection)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,6 @@ class _LingeringTransport:
 
 class GuardedH11Protocol(H11Protocol):
     limits = ClientLimits()
-    stats = {"refused": 0, "header_timeouts": 0, "body_timeouts": 0}
 
     def connection_made(self, transport) -> None:
         self._timer = None
@@ -95,7 +94,6 @@ class GuardedH11Protocol(H11Protocol):
         if len(self.connections) > self.limits.max_connections:
             self.connections.discard(self)
             self._refused = True
-            self.stats["refused"] += 1
             transport.write(_refusal(self.limits.max_connections))
             self._linger()
             return
@@ -155,7 +153,6 @@ class GuardedH11Protocol(H11Protocol):
 
     def _head_timeout(self) -> None:
         self._timer = None
-        self.stats["header_timeouts"] += 1
         self.transport.raw.close()
 
     def _body_check(self) -> None:
@@ -170,11 +167,9 @@ class GuardedH11Protocol(H11Protocol):
         if left > 0:
             self._arm(left, self._body_check)
             return
-        self.stats["body_timeouts"] += 1
         self.transport.raw.close()
 
 
 def guarded_protocol(limits: ClientLimits) -> type[GuardedH11Protocol]:
     """uvicorn's h11 protocol with these limits (``uvicorn.Config(http=...)`` takes a class)."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,),
-                {"limits": limits, "stats": dict(GuardedH11Protocol.stats)})
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
