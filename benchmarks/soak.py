@@ -216,6 +216,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="stag4d-soak-") as tmp:
         out = soak(Path(tmp), args.seconds, args.clients, args.seed)
     print(json.dumps({k: v for k, v in out.items() if k != "samples"}, indent=2))
+    print("every 10 s (s, RSS MB, fds):", ", ".join(f"({t:.0f}, {r:.1f}, {f})" for t, r, f in out["samples"][9::10]))
     r, f = out["rss_mb"], out["fds"]
     print(f"\n| soak: {out['clients']} clients, {out['seconds']:.0f} s | {out['requests']} requests, "
           f"{out['errors']} errors, {out['5xx']} 5xx | RSS {r['start']:.1f} -> max {r['max']:.1f} -> end "
