@@ -25,6 +25,10 @@ def router(ctx: Context) -> APIRouter:
     @v1("GET", "/jobs/{job_id}/files/{name:path}", tags=["files"], responses={
         200: {"description": "the file's bytes (Range requests supported)",
               "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+        206: {"description": "the requested range of the file's bytes",
+              "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+        416: {"description": "the range starts at or past the end of the file (or ends before it starts); "
+                             "empty body, Content-Range: bytes */SIZE"},
         **error_responses(400, 404, 422)})
     async def job_file(request: Request, job_id: JobId, name: FileName):
         """One file of the job, by its relative name; nothing outside the job directory."""
