@@ -8,13 +8,17 @@ file it locked is still the one at the path (else it retries), so removing it ne
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
 import sys
 import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows (an untested platform): no flock there, so the commands run without the lock
+    fcntl = None
 
 LOCK_NAME = ".stag4d.lock"
 
@@ -63,6 +67,8 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         self.created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return self
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
