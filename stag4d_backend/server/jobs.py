@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, STATES, Job, disk_full_stage
+from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, STATES, TERMINAL_STATES, Job, disk_full_stage
 from .errors import internal_error
 from .files import is_job_id, job_path, new_job_id
 from .worker import CANCEL_FILE, LOCK_FILE, disk_full_stage_of
@@ -445,7 +445,8 @@ class JobManager:
         with self._cond:
             state = self._state(job_id, path)
             r = self._running.get(job_id)
-            if r is not None:
+            # A worker that has recorded its end but is not reaped yet (the 50 ms tick) has nothing left to cancel.
+            if r is not None and state not in TERMINAL_STATES:
                 if not r.cancel_requested:
                     with contextlib.suppress(OSError):  # a full disk: SIGTERM still stops it (_reap records it)
                         (path / CANCEL_FILE).touch()
