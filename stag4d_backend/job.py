@@ -65,7 +65,8 @@ def _chain(exc: BaseException | None):
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception it was raised from or while handling) is a full disk or quota."""
+    """Whether ``exc`` (or an exception it was raised from or while handling) is a full disk or quota. (Writers
+    that hide the errno, such as torch.save to a path, should write through a Python file object instead.)"""
     return any(isinstance(e, DiskFullError) or isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
                for e in _chain(exc))
 
