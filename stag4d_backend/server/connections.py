@@ -88,7 +88,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         self._timer = None
-        self._phase = "head"          # "head" | "body" | "idle" (between requests, uvicorn's keep-alive timer)
+X
         self._lingering = self._refused = False
         super().connection_made(_LingeringTransport(transport, self))
         if len(self.connections) > self.limits.max_connections:
