@@ -88,7 +88,9 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport) -> None:
         self._timer = None
-X
+        # "head" (header timer), "body" (body timer), "app" (request in: no timer), "idle" (between requests:
+        # uvicorn's keep-alive timer)
+        self._phase = "head"
         self._lingering = self._refused = False
         super().connection_made(_LingeringTransport(transport, self))
         if len(self.connections) > self.limits.max_connections:
