@@ -1,12 +1,16 @@
 """`stag4d serve` figures (issue "The backend server"), printed as a Markdown table for docs/benchmarks.md.
 
     .venv/bin/python benchmarks/server.py                    # all three figures
-    .venv/bin/python benchmarks/server.py --only latency     # latency | download | overhead
+    .venv/bin/python benchmarks/server.py --only latency     # latency | keepalive | download | overhead
     .venv/bin/python benchmarks/server.py --write-openapi    # regenerate docs/openapi.json and exit
 
 - Event latency: a tiny example job runs under a real server; one SSE client records, for every event, the time
   it arrived minus the time the worker stamped on it in the fit loop (``Job.emit``: just before the append +
   fsync). Target: median under 50 ms.
+- Keep-alive request latency: ``GET /v1/jobs/{id}`` (the add-on's poll) 500 times on one kept-alive
+  connection, 3 rounds, the median of the rounds' medians; once with http.client (the standard library: little
+  client cost), once with httpx (more Python per request). Target: at most 2 ms (without TCP_NODELAY on the
+  server's sockets every answer waited ~40 ms for a delayed ACK). Includes the client's own cost.
 - Download throughput: a 100 MB file in a job directory fetched over loopback with httpx (streamed, 1 MB reads),
   one client, then 4 at once. The client's own Python cost is included.
 - Serving overhead on the fit: the same fit (tiny preset, longer) run by the worker alone (no server) and under
@@ -98,6 +102,46 @@ def download(root: Path, size_mb: int = 100, repeats: int = 3) -> dict:
     return {"single_MBps": max(single), "single_all": single, "four_clients_MBps": together}
 
 
+def _poll_times(get, requests: int) -> list[float]:
+    for _ in range(20):  # warm-up
+        get()
+    times = []
+    for _ in range(requests):
+        t0 = time.perf_counter()
+        get()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def keepalive(root: Path, requests: int = 500, rounds: int = 3) -> dict:
+    """Latency of a job poll (``GET /v1/jobs/{id}``) on one kept-alive connection, with the standard library's
+    http.client (little client cost) and with httpx (what the tests use; more Python per request)."""
+    import http.client
+
+    out = {}
+    with Server(root / "ka", "--jobs-per-device", "0") as srv, srv.client() as c:
+        job_id = c.post("/v1/jobs", json={"kind": "example"}).json()["id"]
+        conn = http.client.HTTPConnection(srv.address["host"], srv.address["port"], timeout=30)
+
+        def stdlib_get():
+            conn.request("GET", f"/v1/jobs/{job_id}", headers=srv.headers)
+            r = conn.getresponse()
+            assert r.status == 200 and r.read()
+
+        def httpx_get():
+            assert c.get(f"/v1/jobs/{job_id}").status_code == 200
+
+        for name, get in (("http.client", stdlib_get), ("httpx", httpx_get)):
+            rounds_times = [_poll_times(get, requests) for _ in range(rounds)]
+            every = [t for ts in rounds_times for t in ts]
+            out[name] = {"requests": requests * rounds,
+                         "median_ms": statistics.median(statistics.median(ts) for ts in rounds_times),
+                         "round_medians_ms": [statistics.median(ts) for ts in rounds_times],
+                         "p95_ms": statistics.quantiles(every, n=20)[18]}
+        conn.close()
+    return out
+
+
 def _fit_rate(job_dir: Path) -> float:
     meta = json.loads((job_dir / "model" / "meta.json").read_text())
     return meta["iterations"] / meta["elapsed_s"]
@@ -137,7 +181,7 @@ def overhead(root: Path, iters: int, rounds: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["latency", "download", "overhead"])
+    p.add_argument("--only", choices=["latency", "keepalive", "download", "overhead"])
     p.add_argument("--iters", type=int, default=200, help="fit steps of the latency / overhead jobs")
     p.add_argument("--rounds", type=int, default=2, help="A/B rounds of the overhead measurement")
     p.add_argument("--write-openapi", action="store_true")
@@ -150,6 +194,8 @@ def main() -> int:
         root = Path(tmp)
         if args.only in (None, "latency"):
             out["latency"] = latency(root, args.iters)
+        if args.only in (None, "keepalive"):
+            out["keepalive"] = keepalive(root)
         if args.only in (None, "download"):
             out["download"] = download(root)
         if args.only in (None, "overhead"):
@@ -160,6 +206,9 @@ def main() -> int:
         L = out["latency"]
         print(f"| event latency, fit loop -> SSE client ({L['events']} events) | median {L['median_ms']:.1f} ms, "
               f"p95 {L['p95_ms']:.1f} ms, max {L['max_ms']:.1f} ms | median < 50 ms |")
+    for client, K in out.get("keepalive", {}).items():
+        print(f"| job poll on a kept-alive connection ({K['requests']} requests, {client} client) | median "
+              f"{K['median_ms']:.2f} ms, p95 {K['p95_ms']:.2f} ms | median <= 2 ms |")
     if "download" in out:
         D = out["download"]
         print(f"| download of a 100 MB file over loopback | {D['single_MBps']:.0f} MB/s (1 client), "

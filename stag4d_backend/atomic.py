@@ -1,5 +1,9 @@
 """Atomic file and directory replacement (temp name in the same directory, then rename): every writer of the
-backend goes through here, so a killed process never leaves a half-written file under its final name."""
+backend goes through here, so a killed process never leaves a half-written file under its final name.
+
+A file or folder renamed into place gets the mode a plain ``open``/``mkdir`` would give it (0666/0777 less the
+umask), not mkstemp's 0600: 0644/0755 for the CLI's outputs under the usual umask 022, 0600/0700 under
+``stag4d serve``, which runs with umask 077 (docs/server.md, "Permissions")."""
 
 from __future__ import annotations
 
@@ -9,6 +13,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -25,7 +43,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         yield Path(tmp)
         if not os.path.exists(tmp):
             raise RuntimeError(f"{path}: the writer produced no file")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -51,7 +69,7 @@ def atomic_dir(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o777 & ~current_umask())
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

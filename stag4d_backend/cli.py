@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -10,6 +11,7 @@ from .request import BAKE_FORMATS, BAKE_OUTPUTS, DEFAULT_BAKE_FORMATS
 
 EXIT_USAGE = 2          # bad input: a clear one-line message, nothing half-written
 EXIT_MISSING_WEIGHTS = 4  # a stage needs model weights that are not installed (the message says which)
+EXIT_BUSY = 75          # another stag4d process is writing the same folder (EX_TEMPFAIL: try again later)
 
 
 
@@ -91,6 +93,34 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Busy(Exception):
+    pass
+
+
+def _lock_folder(command: str, folder) -> "FolderLock | None":
+    """Hold ``folder``'s writer lock (folder_lock; the folder is created), or print who holds it and raise _Busy.
+    None where the path is not a folder (the command's own check says so)."""
+    from pathlib import Path
+
+    from .folder_lock import FolderBusy, FolderLock
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return None
+    try:
+        return FolderLock(folder).acquire()
+    except FolderBusy as exc:
+        print(f"stag4d {command}: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"stag4d {command}: cannot lock {folder} ({exc.strerror or exc})", file=sys.stderr)
+    raise _Busy
+
+
+def _release(lock) -> None:
+    if lock is not None:
+        lock.release()
+
+
 def _doctor() -> int:
     from .doctor import collect_report
 
@@ -113,6 +143,14 @@ def _parse_frames(text: str | None) -> list[int] | None:
 
 
 def _fit(args) -> int:
+    lock = _lock_folder("fit", args.output)  # first: a second writer is refused before the slow imports
+    try:
+        return _fit_locked(args)
+    finally:
+        _release(lock)
+
+
+def _fit_locked(args) -> int:
     from .config import config_from_options
     from .dataset import DataError
     from .device import DeviceError
@@ -178,6 +216,14 @@ def _render(args) -> int:
 
 
 def _bake(args) -> int:
+    lock = _lock_folder("bake", args.out_dir) if os.path.isdir(args.out_dir) else None  # absent: bake says so
+    try:
+        return _bake_locked(args)
+    finally:
+        _release(lock)
+
+
+def _bake_locked(args) -> int:
     from .progress import StageProgressBars
     from .stages.bake import CLI_ERRORS, bake_job
 
@@ -228,12 +274,8 @@ Open it in Blender: File > Import > Universal Scene Description, choose {usd}
 def _generate(args) -> int:
     """`stag4d generate INPUT|--prompt TEXT|--example -o JOB_DIR`: the request's stages through the orchestrator
     (as the server's worker runs them); without weights it does every stage it can, then stops."""
-    from pathlib import Path
-
-    from .job import Job
-    from .pipeline import run_job, stage_summary, stages_for
-    from .progress import StageProgressBars
-    from .request import OPTIONS, RequestError, make_request
+    from .pipeline import stages_for
+    from .request import OPTIONS, make_request
 
     if not args.example and args.input is None and args.prompt is None:
         print("stag4d generate: give a video/image file or folder, --prompt TEXT, or --example", file=sys.stderr)
@@ -245,11 +287,30 @@ def _generate(args) -> int:
         request = make_request(args.input, args.prompt, example=args.example,
                                **{o.name: getattr(args, o.name) for o in OPTIONS if o.cli})
         stages_for(request)  # checks the options before anything is written
+    except ValueError as exc:  # RequestError, or e.g. an unknown --preset
+        print(f"stag4d generate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    lock = _lock_folder("generate", args.output)
+    try:
+        return _generate_locked(args, request)
+    finally:
+        _release(lock)
+
+
+def _generate_locked(args, request: dict) -> int:
+    from pathlib import Path
+
+    from .job import Job
+    from .pipeline import run_job, stage_summary
+    from .progress import StageProgressBars
+    from .request import RequestError
+
+    try:
         job = Job(args.output)
         if (job.path / "job.json").is_file() and job.read().get("request") != request:
             raise RequestError(f"{job.path} holds another job; choose a new folder (or delete it to start over)")
         job.create(request)
-    except ValueError as exc:  # RequestError, or e.g. an unknown --preset
+    except ValueError as exc:
         print(f"stag4d generate: {exc}", file=sys.stderr)
         return EXIT_USAGE
     since = len(job.events())
@@ -289,12 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "doctor":
         return _doctor()
-    if args.command == "fit":
-        return _fit(args)
-    if args.command == "generate":
-        return _generate(args)
-    if args.command == "bake":
-        return _bake(args)
+    writers = {"fit": _fit, "generate": _generate, "bake": _bake}
+    if args.command in writers:
+        try:
+            return writers[args.command](args)
+        except _Busy:
+            return EXIT_BUSY
     if args.command == "render":
         return _render(args)
     if args.command == "serve":

@@ -15,6 +15,7 @@ stop as the state ``cancelled`` (asked for) or ``interrupted`` (the server went 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -44,6 +45,37 @@ class JobStopped(RuntimeError):
     def __init__(self, message: str = "stopped", step: int | None = None):
         super().__init__(message)
         self.step = step
+
+
+class DiskFullError(RuntimeError):
+    """A write failed for want of space (ENOSPC, EDQUOT) while ``stage`` ran: the job fails with "disk full at
+    <stage>" rather than an errno text, and the server knows to say so."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"disk full at {stage}")
+        self.stage = stage
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from or while handling) is a full disk or quota. (Writers
+    that hide the errno, such as torch.save to a path, should write through a Python file object instead.)"""
+    return any(isinstance(e, DiskFullError) or isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+               for e in _chain(exc))
+
+
+def disk_full_stage(exc: BaseException) -> str | None:
+    """The stage a full disk stopped (the innermost DiskFullError's), "start" when it hit outside any stage, or
+    None when ``exc`` is no full disk."""
+    stages = [e.stage for e in _chain(exc) if isinstance(e, DiskFullError)]
+    return stages[0] if stages else "start" if is_disk_full(exc) else None
 
 
 def check_stop(should_stop: ShouldStop | None, message: str) -> None:

@@ -19,6 +19,7 @@ checkpoints first; the others write atomically, so the previous outputs stay int
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import traceback
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .job import Job, JobStopped, ShouldStop
+from .job import DiskFullError, Job, JobStopped, ShouldStop, disk_full_stage, is_disk_full
 from .request import (BAKE_OUTPUTS, EXAMPLE_FRAMES, EXAMPLE_GAUSSIANS, EXAMPLE_SIZE, RequestError, check_options,
                       request_kind, stage_options)
 
@@ -103,39 +104,56 @@ def run_stages(job: Job, stages: list[Stage], progress: StageProgress | None = N
     summary = {}
     job.update(state="running")
     for stage in stages:
-        if stage.is_done(job):
-            job.emit("stage_skipped", stage=stage.name)
-            summary[stage.name] = "skipped (outputs exist)"
-            continue
-        job.emit("stage_started", stage=stage.name)
-        t0 = time.perf_counter()
-        try:
-            if should_stop is not None and should_stop():
-                raise JobStopped(f"stopped before {stage.name}")
-            result = stage.run(job, lambda stats, name=stage.name: progress(name, stats), should_stop)
-        except JobStopped as exc:
-            state = stop_state() if stop_state else "cancelled"
-            job.emit("stage_stopped", stage=stage.name, state=state, message=str(exc),
-                     **({"step": exc.step} if exc.step is not None else {}))
-            job.update(state=state)
-            raise
-        except (KeyboardInterrupt, SystemExit) as exc:
-            # The process is being ended (Ctrl-C; Ray ending a worker whose server is gone): not the job's fault.
-            # It resumes from its last checkpoint ("interrupted"), like a stop at a step boundary.
-            job.emit("stage_stopped", stage=stage.name, state="interrupted",
-                     message=f"the process was ended ({type(exc).__name__})")
-            job.update(state="interrupted")
-            raise
-        except BaseException as exc:
-            job.emit("stage_failed", stage=stage.name, error=_one_line(exc))
-            job.update(state="failed", error=_one_line(exc))
-            raise
-        elapsed = round(time.perf_counter() - t0, 2)
-        _record(job, result)
-        job.emit("stage_finished", stage=stage.name, elapsed_s=elapsed, result=result)
-        summary[stage.name] = dict(result, elapsed_s=elapsed)
+        with _disk_full_at(stage.name):
+            if stage.is_done(job):
+                job.emit("stage_skipped", stage=stage.name)
+                summary[stage.name] = "skipped (outputs exist)"
+                continue
+            job.emit("stage_started", stage=stage.name)
+            t0 = time.perf_counter()
+            try:
+                if should_stop is not None and should_stop():
+                    raise JobStopped(f"stopped before {stage.name}")
+                result = stage.run(job, lambda stats, name=stage.name: progress(name, stats), should_stop)
+            except JobStopped as exc:
+                state = stop_state() if stop_state else "cancelled"
+                job.emit("stage_stopped", stage=stage.name, state=state, message=str(exc),
+                         **({"step": exc.step} if exc.step is not None else {}))
+                job.update(state=state)
+                raise
+            except (KeyboardInterrupt, SystemExit) as exc:
+                # The process is being ended (Ctrl-C; Ray ending a worker whose server is gone): not the job's
+                # fault. It resumes from its last checkpoint ("interrupted"), like a stop at a step boundary.
+                job.emit("stage_stopped", stage=stage.name, state="interrupted",
+                         message=f"the process was ended ({type(exc).__name__})")
+                job.update(state="interrupted")
+                raise
+            except BaseException as exc:
+                failure = DiskFullError(stage.name) if is_disk_full(exc) else exc
+                job.emit("stage_failed", stage=stage.name, error=_one_line(failure))
+                job.update(state="failed", error=_one_line(failure))
+                raise
+            elapsed = round(time.perf_counter() - t0, 2)
+            _record(job, result)
+            job.emit("stage_finished", stage=stage.name, elapsed_s=elapsed, result=result)
+            summary[stage.name] = dict(result, elapsed_s=elapsed)
     job.update(state="finished", error=None, **(on_finished(summary) if on_finished else {}))
     return summary
+
+
+@contextlib.contextmanager
+def _disk_full_at(stage: str):
+    """A full disk anywhere in ``stage`` (its own writes, or the job's events and job.json) becomes
+    DiskFullError(stage): the job says "disk full at <stage>", and a worker that cannot even record that tells
+    the server through its exit code (server.worker)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except BaseException as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(stage) from exc
+        raise
 
 
 def _record(job: Job, result) -> None:
@@ -238,7 +256,8 @@ def error_kind(exc: BaseException) -> str:
 
 
 def _fail(job: Job, exc: BaseException, with_traceback: bool) -> str:
-    error = _one_line(exc)
+    stage = disk_full_stage(exc)
+    error = f"disk full at {stage}" if stage else _one_line(exc)
     extra = {"traceback": traceback.format_exc(limit=20)} if with_traceback else {}
     job.update(state="failed", error=error, error_kind=error_kind(exc), **extra)
     job.emit("job_state", state="failed", error=error)

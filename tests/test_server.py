@@ -316,11 +316,14 @@ def test_serve_help_lists_every_flag_and_bad_values_fail_in_one_line(tmp_path):
     out = run("--help")
     assert out.returncode == 0
     for flag in ("--host", "--port", "--token-file", "--jobs-dir", "--allow-server-paths", "--max-upload-mb",
-                 "--device", "--jobs-per-device", "--no-resume"):
+                 "--device", "--jobs-per-device", "--no-resume", "--max-connections", "--timeout-keep-alive",
+                 "--timeout-header", "--timeout-body"):
         assert flag in out.stdout
     for args, text in [(("--port", "http"), "--port"), (("--port", "70000"), "--port"),
                        (("--max-upload-mb", "-1"), "--max-upload-mb"), (("--device", "gpu"), "not a device"),
-                       (("--jobs-per-device", "x"), "--jobs-per-device")]:
+                       (("--jobs-per-device", "x"), "--jobs-per-device"),
+                       (("--max-connections", "0"), "--max-connections"),
+                       (("--timeout-header", "0"), "--timeout-header"), (("--timeout-body", "x"), "--timeout-body")]:
         res = run(*args)
         assert res.returncode == 2 and res.stdout == "", args
         lines = res.stderr.strip().splitlines()

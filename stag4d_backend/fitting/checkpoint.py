@@ -33,8 +33,10 @@ def fingerprint(config: dict, data_dir: str | Path, frames: list[int] | None = N
 def save_checkpoint(out_dir: str | Path, state: dict, fp: str) -> Path:
     out_dir = Path(out_dir)
     path = out_dir / STATE
-    with atomic_path(path) as tmp:
-        torch.save(dict(state, fingerprint=fp), tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        # Through a Python file, a full disk is an OSError(ENOSPC) (the job says "disk full at fit"); torch's
+        # own writer reports it as a RuntimeError without an errno.
+        torch.save(dict(state, fingerprint=fp), fh)
     return path
 
 

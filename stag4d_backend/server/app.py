@@ -2,13 +2,16 @@
 
 Every route but ``GET /v1/health`` needs the bearer token. Errors are ``{"detail": "<one line>"}`` (validation
 errors add ``errors``). The OpenAPI document is served at ``/v1/openapi.json`` (behind the token too).
+
+Every validation failure, FastAPI's (path, query, header) and the routes' own (bodies, the ``options`` field of an
+upload), ends in one handler: malformed JSON is 400, invalid values 422. A failure nobody expected is a 507 when
+the disk is full and otherwise a 500 whose detail is a stable line with an error id (errors.py); the traceback,
+with its paths and exception text, goes to the server's log only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +21,16 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from .. import __version__
 from .events import EventHub
+from ..job import is_disk_full
+from .errors import DISK_FULL, internal_error
 from .jobs import JobError, JobManager
 from .routes import events, files, info, jobs
-from .routes.common import Context, error_response, one_line_validation
+from .routes.common import Context, error_response, validation_response
 from .schemas import JOB_CREATE, EventPage
 
 
@@ -70,11 +76,7 @@ def create_app(settings: Settings, manager: JobManager | None = None, on_shutdow
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, "the body is not valid JSON")
-        text, items = one_line_validation(errors, request_errors=True)
-        return JSONResponse({"detail": text, "errors": items}, status_code=422)
+        return validation_response(exc.errors())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -92,11 +94,20 @@ def create_app(settings: Settings, manager: JobManager | None = None, on_shutdow
     async def _job_error(request: Request, exc: JobError):
         return error_response(exc.status, exc.detail)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):  # closed mid-body (or timed out): nobody to answer
+        return error_response(400, "the client closed the connection before the request's body was complete")
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        traceback.print_exception(exc, file=sys.stderr)
-        return error_response(500, f"internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                         f"see the server's log")
+        if is_disk_full(exc):
+            return error_response(507, DISK_FULL)
+        return error_response(500, internal_error(f"internal error in {request.method} {request.url.path}", exc))
+
+    # An OSError (a full disk: 507) is answered by the same handler from Starlette's ExceptionMiddleware, which
+    # does not re-raise: the handler for Exception runs in ServerErrorMiddleware, which re-raises, so uvicorn
+    # logs the traceback again and closes the connection under a client that may already be reusing it.
+    app.add_exception_handler(OSError, _unexpected)
 
     for rt in routers:
         app.include_router(rt)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers (h11's default, stated): more is a 400
 
 
 def _port(text: str) -> int:
@@ -40,6 +41,26 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if not 0 <= v <= 64:
         raise argparse.ArgumentTypeError(f"{v}: must be between 0 and 64")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < v <= 3600:
+        raise argparse.ArgumentTypeError(f"{text}: must be more than 0 and at most 3600 seconds")
+    return v
+
+
+def _connections(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= v <= 100000:
+        raise argparse.ArgumentTypeError(f"{v}: must be between 1 and 100000")
     return v
 
 
@@ -108,6 +129,16 @@ def add_serve_arguments(p) -> None:
                    help="jobs running at once on each device (default 1; 0 = accept and queue, run nothing)")
     p.add_argument("--no-resume", action="store_true",
                    help="do not resume jobs interrupted by a crash or shutdown on start (resume them on request)")
+    p.add_argument("--max-connections", type=_connections, default=1000,
+                   help="open connections at most; more get a 503 at once (default 1000, lowered to fit the "
+                        "process's descriptor limit)")
+    p.add_argument("--timeout-keep-alive", type=_seconds, default=5.0,
+                   help="close a kept-alive connection idle this long after a response (default 5 s)")
+    p.add_argument("--timeout-header", type=_seconds, default=10.0,
+                   help="a request's head must arrive within this long (default 10 s; also bounds a new connection "
+                        "that sends nothing)")
+    p.add_argument("--timeout-body", type=_seconds, default=20.0,
+                   help="a request's body must arrive within this long plus 1 s per 500 bytes received (default 20 s)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="warning")
     add_engine_arguments(p)
     prog = p.prog
@@ -126,7 +157,9 @@ def _default_jobs_dir() -> Path:
 def _bind(host: str, port: int) -> socket.socket:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio sets TCP_NODELAY only on sockets whose
+    # proto says TCP. Without it every response on a kept-alive connection waits ~40 ms (Nagle + delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
@@ -189,6 +222,7 @@ def run_serve(args) -> int:
     import uvicorn
 
     from .app import Settings, create_app
+    from .connections import ClientLimits, connection_cap, guarded_protocol, raise_fd_limit
     from .auth import TokenFileError, default_token_file, load_or_create_token
     from .devices import probe_devices
     from .jobs import JobManager, ServerLockError
@@ -197,6 +231,9 @@ def run_serve(args) -> int:
         print(f"stag4d serve: {message}", file=sys.stderr)
         return EXIT_USAGE
 
+    # Everything the server and its workers write (job folders, inputs, outputs, logs) is the owner's only:
+    # files 0600, folders 0700, whatever --jobs-dir is (docs/server.md, "Permissions").
+    os.umask(0o077)
     token_file = Path(args.token_file).expanduser() if args.token_file else default_token_file()
     try:
         token, notes = load_or_create_token(token_file)
@@ -261,8 +298,12 @@ def run_serve(args) -> int:
 
     # uvicorn re-raises SIGTERM/SIGINT after its shutdown, so cleanup lives in the app's lifespan.
     app = create_app(settings, manager, on_shutdown=remove_address_file)
+    limits = ClientLimits(keep_alive_s=args.timeout_keep_alive, header_s=args.timeout_header,
+                          body_s=args.timeout_body,
+                          max_connections=connection_cap(args.max_connections, raise_fd_limit()))
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("info", "debug"),
-                            timeout_graceful_shutdown=3, lifespan="on")
+                            timeout_graceful_shutdown=3, lifespan="on", http=guarded_protocol(limits),
+                            timeout_keep_alive=limits.keep_alive_s, h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

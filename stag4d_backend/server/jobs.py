@@ -4,6 +4,10 @@ Who writes a job's job.json and events.jsonl: the server only while no worker ru
 cancelled while queued, interrupted, worker crashed), the worker while it runs. So the two never append events
 at the same time and the numbering stays gapless.
 
+The scheduler survives any exception in any job: the job fails with the cause ("disk full at fit", "cannot start
+the worker (...)", or an error id whose traceback is in the server's log) and the loop goes on. A state change the
+server cannot write (a full disk) is kept in memory, shown to clients, and written once space is back.
+
 Workers are started by the engine (engine.py: local processes or Ray tasks) only from the scheduler thread, which
 lives as long as the server: PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so spawning
 from a short-lived request thread would kill the job.
@@ -26,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, STATES, Job
+from ..job import ENDED_STATES, EVENTS_FILE, JOB_FILE, STATES, TERMINAL_STATES, Job, disk_full_stage
 from .engine import Engine, Handle, LocalEngine
+from .errors import internal_error
 from .files import is_job_id, job_path, new_job_id
-from .worker import CANCEL_FILE, LOCK_FILE
+from .worker import CANCEL_FILE, LOCK_FILE, disk_full_stage_of
 
 SERVER_LOCK = ".server.lock"
 TRASH_DIR = ".trash"
@@ -96,6 +101,8 @@ class JobManager:
         self._cond = threading.Condition(threading.RLock())
         self._queue: list[str] = []
         self._running: dict[str, Running] = {}
+        self._deleting: set[str] = set()
+        self._unrecorded: dict[str, dict] = {}   # job id -> state change not yet written (a full disk)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._server_lock: int | None = None
@@ -153,31 +160,36 @@ class JobManager:
             if not is_job_id(entry.name) or not (entry / JOB_FILE).is_file():
                 continue
             try:
-                data = Job(entry).read()
-            except (OSError, ValueError):
-                notes.append(f"{entry.name}: unreadable job.json; left alone")
-                continue
-            state = data.get("state")
-            if state not in ("running", "queued", "created", "interrupted"):
-                continue
-            if not self._wait_for_old_worker(entry, data):
-                notes.append(f"{entry.name}: another process holds {LOCK_FILE}; left alone")
-                continue
-            repair_events(entry)
-            job = Job(entry)
-            if state == "running":
-                job.update(state="interrupted")
-                job.emit("job_state", state="interrupted",
-                         message="the server stopped while this job ran; it resumes from its last checkpoint")
-                state = "interrupted"
-            if state in ("queued", "created") or self.auto_resume:
-                if state != "queued":
-                    job.update(state="queued")
-                    job.emit("job_state", state="queued", resumed=True)
-                found.append((float(data.get("created") or 0.0), entry.name))
-                notes.append(f"{entry.name}: {'resuming' if state == 'interrupted' else 'queued'}")
+                found += self._recover_one(entry, notes)
+            except (OSError, ValueError) as exc:
+                why = "the disk is full" if disk_full_stage(exc) else "unreadable job files"
+                notes.append(f"{entry.name}: cannot be recovered ({why}); left alone")
         self._queue = [job_id for _, job_id in sorted(found)]
         return notes
+
+    def _recover_one(self, entry: Path, notes: list[str]) -> list[tuple[float, str]]:
+        """[(created, id)] when the job at ``entry`` is queued again."""
+        data = Job(entry).read()
+        state = data.get("state")
+        if state not in ("running", "queued", "created", "interrupted"):
+            return []
+        if not self._wait_for_old_worker(entry, data):
+            notes.append(f"{entry.name}: another process holds {LOCK_FILE}; left alone")
+            return []
+        repair_events(entry)
+        job = Job(entry)
+        if state == "running":
+            job.update(state="interrupted")
+            job.emit("job_state", state="interrupted",
+                     message="the server stopped while this job ran; it resumes from its last checkpoint")
+            state = "interrupted"
+        if state in ("queued", "created") or self.auto_resume:
+            if state != "queued":
+                job.update(state="queued")
+                job.emit("job_state", state="queued", resumed=True)
+            notes.append(f"{entry.name}: {'resuming' if state == 'interrupted' else 'queued'}")
+            return [(float(data.get("created") or 0.0), entry.name)]
+        return []
 
     def _wait_for_old_worker(self, job_dir: Path, data: dict) -> bool:
         """A worker of an earlier server may still hold the job (it dies within PARENT_POLL_S of its parent):
@@ -214,10 +226,14 @@ class JobManager:
         with self._cond:
             # On shutdown this thread stays until its workers are gone: they die with it (PDEATHSIG).
             while not self._stopping or self._running:
-                self._reap()
-                self._escalate()
-                if not self._stopping:
-                    self._start_queued()
+                try:
+                    self._reap()
+                    self._escalate()
+                    self._write_unrecorded()
+                    if not self._stopping:
+                        self._start_queued()
+                except Exception as exc:  # a bug outside any one job: say so and keep scheduling
+                    internal_error("the scheduler's tick failed; it goes on", exc)
                 self._cond.wait(TICK_S)
 
     def _start_queued(self) -> None:
@@ -233,10 +249,12 @@ class JobManager:
                     break
                 job_id = ready[0]
                 self._queue.remove(job_id)
+                if not (self.jobs_dir / job_id / JOB_FILE).is_file():
+                    continue  # deleted while queued
                 try:
                     self._spawn(job_id, device)
-                except OSError as exc:
-                    self._server_write(job_id, "failed", error=f"cannot start the worker: {exc}")
+                except Exception as exc:
+                    self._job_failed(job_id, exc, "start", "cannot start the worker")
 
     def _spawn(self, job_id: str, device: str) -> None:
         handle = self.engine.start(self.jobs_dir / job_id, device)
@@ -248,27 +266,67 @@ class JobManager:
             if rc is None:
                 continue
             del self._running[job_id]
-            r.handle.close()
+            with contextlib.suppress(OSError):
+                r.handle.close()
             if r.deleting:
                 continue
             try:
-                state = Job(self.jobs_dir / job_id).read().get("state")
-            except (OSError, ValueError):
-                continue
-            if r.cancel_requested and state == "interrupted":
-                # A user's cancel that the worker took for an interruption (it did not see .cancel: a shared
-                # folder's stale lookup cache on another node); record what the user asked for.
-                self._server_write(job_id, "cancelled")
-                continue
-            if state in ENDED_STATES:
-                continue  # the worker recorded how it ended
-            if r.cancel_requested:
-                self._server_write(job_id, "cancelled", message="the worker did not stop in time and was killed")
-            elif self._stopping:
-                self._server_write(job_id, "interrupted", message="the server stopped")
-            else:
-                self._server_write(job_id, "failed", error=r.handle.describe_exit(rc))
+                self._record_end(job_id, r, rc)
+            except Exception as exc:
+                self._job_failed(job_id, exc, "end", "cannot record how the worker ended")
         self._cond.notify_all()
+
+    def _record_end(self, job_id: str, r: Running, rc: int) -> None:
+        """The state of a job whose worker exited, where the worker could not record it itself."""
+        disk_full_at = disk_full_stage_of(rc)
+        if disk_full_at is not None:  # the worker could not write its failure: the disk was full
+            self._set_state(job_id, "failed", error=f"disk full at {disk_full_at}")
+            return
+        try:
+            state = Job(self.jobs_dir / job_id).read().get("state")
+        except FileNotFoundError:
+            return  # deleted meanwhile
+        if state in ENDED_STATES and not (r.cancel_requested and state == "interrupted"):
+            return  # the worker recorded how it ended (a cancel without its .cancel file ends "interrupted")
+        if r.cancel_requested:
+            self._set_state(job_id, "cancelled", message="the worker did not stop in time and was killed")
+        elif self._stopping:
+            self._set_state(job_id, "interrupted", message="the server stopped")
+        else:
+            self._set_state(job_id, "failed", error=r.handle.describe_exit(rc))
+
+    def _job_failed(self, job_id: str, exc: BaseException, stage: str, what: str) -> None:
+        """An exception while the scheduler handled one job: that job fails with the cause, nothing else does."""
+        at = disk_full_stage(exc)
+        if at is not None:
+            error = f"disk full at {stage if at == 'start' else at}"
+        else:  # an OSError's strerror is the cause without the server's paths
+            why = f"{what} ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else what
+            error = internal_error(why, exc)
+        self._set_state(job_id, "failed", error=error)
+
+    def _set_state(self, job_id: str, state: str, **fields) -> None:
+        """``_server_write``, or, when that fails (a full disk), the change kept in memory: clients see it at
+        once and the scheduler writes it when it can."""
+        self._unrecorded.pop(job_id, None)
+        try:
+            self._server_write(job_id, state, **fields)
+        except FileNotFoundError:
+            pass  # the job was deleted
+        except Exception as exc:
+            if disk_full_stage(exc) is None:
+                internal_error(f"job {job_id}: cannot record the state {state!r}; retrying", exc)
+            self._unrecorded[job_id] = dict(fields, state=state)
+
+    def _write_unrecorded(self) -> None:
+        for job_id, change in list(self._unrecorded.items()):
+            fields = dict(change)
+            state = fields.pop("state")
+            with contextlib.suppress(Exception):  # still no room: next tick
+                self._server_write(job_id, state, **fields)
+                del self._unrecorded[job_id]
+            if not (self.jobs_dir / job_id).is_dir():
+                self._unrecorded.pop(job_id, None)
 
     def _escalate(self) -> None:
         now = time.monotonic()
@@ -301,9 +359,22 @@ class JobManager:
             path = job_path(self.jobs_dir, job_id)
         except ValueError:
             raise JobError(404, f"no job {job_id!r}") from None
-        if not (path / JOB_FILE).is_file():
+        if job_id in self._deleting or not (path / JOB_FILE).is_file():
             raise JobError(404, f"no job {job_id}")
         return path
+
+    def _state(self, job_id: str, path: Path) -> str | None:
+        """The job's state (one not yet written included); JobError 404 when it was deleted meanwhile."""
+        if job_id in self._deleting:
+            raise JobError(404, f"no job {job_id}")
+        if job_id in self._unrecorded:
+            return self._unrecorded[job_id]["state"]
+        try:
+            return Job(path).read().get("state")
+        except FileNotFoundError:
+            raise JobError(404, f"no job {job_id}") from None
+        except (OSError, ValueError, AttributeError):  # not JSON, or not an object
+            raise JobError(409, f"job {job_id} has an unreadable job.json; delete it") from None
 
     def create(self, request: dict, upload_path: Path | None = None, upload_suffix: str = "") -> str:
         while True:
@@ -314,17 +385,21 @@ class JobManager:
                 break
             except FileExistsError:
                 continue
-        if upload_path is not None:
-            (job_dir / "input").mkdir()
-            name = f"input/source{upload_suffix}"
-            os.replace(upload_path, job_dir / name)
-            request = dict(request, input=name)
-        job = Job(job_dir).create(request)
-        with self._cond:
-            job.update(state="queued", error=None)
-            job.emit("job_state", state="queued")
-            self._queue.append(job_id)
-            self._cond.notify_all()
+        try:
+            if upload_path is not None:
+                (job_dir / "input").mkdir()
+                name = f"input/source{upload_suffix}"
+                os.replace(upload_path, job_dir / name)
+                request = dict(request, input=name)
+            job = Job(job_dir).create(request)
+            with self._cond:
+                job.update(state="queued", error=None)
+                job.emit("job_state", state="queued")
+                self._queue.append(job_id)
+                self._cond.notify_all()
+        except BaseException:  # a full disk: no half-made job stays behind
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
         return job_id
 
     def read(self, job_id: str) -> tuple[Path, dict, dict]:
@@ -332,9 +407,13 @@ class JobManager:
         path = self._dir(job_id)
         try:
             data = Job(path).read()
+            if not isinstance(data, dict):
+                raise ValueError("job.json holds no object")
         except (OSError, ValueError):
             raise JobError(404, f"no job {job_id} (its job.json is unreadable)") from None
         with self._cond:
+            if job_id in self._unrecorded:
+                data = dict(data, **self._unrecorded[job_id])
             r = self._running.get(job_id)
             live = {"running": r is not None, "cancel_requested": bool(r and r.cancel_requested)
                     or (path / CANCEL_FILE).exists() and data.get("state") == "running"}
@@ -350,29 +429,31 @@ class JobManager:
     def cancel(self, job_id: str) -> None:
         path = self._dir(job_id)
         with self._cond:
+            state = self._state(job_id, path)
             r = self._running.get(job_id)
-            if r is not None:
+            # A worker that has recorded its end but is not reaped yet (the 50 ms tick) has nothing left to cancel.
+            if r is not None and state not in TERMINAL_STATES:
                 if not r.cancel_requested:
-                    (path / CANCEL_FILE).touch()
+                    with contextlib.suppress(OSError):  # a full disk: SIGTERM still stops it (_reap records it)
+                        (path / CANCEL_FILE).touch()
                     r.cancel_requested = True
                     self._signal(r, signal.SIGTERM)
                 return
             if job_id in self._queue:
                 self._queue.remove(job_id)
-                self._server_write(job_id, "cancelled")
+                self._set_state(job_id, "cancelled")
                 return
-            state = Job(path).read().get("state")
             if state == "cancelled":
                 return
             if state == "interrupted":
-                self._server_write(job_id, "cancelled")
+                self._set_state(job_id, "cancelled")
                 return
             raise JobError(409, f"job {job_id} has {state}; there is nothing to cancel")
 
     def resume(self, job_id: str) -> None:
         path = self._dir(job_id)
         with self._cond:
-            state = Job(path).read().get("state")
+            state = self._state(job_id, path)
             if job_id in self._queue or (job_id in self._running and state not in ENDED_STATES):
                 return  # already waiting or running
             if state == "finished":
@@ -382,31 +463,41 @@ class JobManager:
             (path / CANCEL_FILE).unlink(missing_ok=True)
             repair_events(path)
             job = Job(path)
-            job.update(state="queued", error=None)
+            job.update(state="queued", error=None)  # a full disk: OSError (507), the job stays as it was
+            self._unrecorded.pop(job_id, None)
             job.emit("job_state", state="queued", resumed=True)
             self._queue.append(job_id)
             self._cond.notify_all()
 
     def delete(self, job_id: str) -> None:
-        path = self._dir(job_id)
+        """From the moment it is called the job is gone for every other request (404), and the scheduler never
+        starts it again, even while its worker is still being stopped."""
         with self._cond:
+            path = self._dir(job_id)
+            self._deleting.add(job_id)
             if job_id in self._queue:
                 self._queue.remove(job_id)
             r = self._running.get(job_id)
             if r is not None:
                 r.deleting = True
                 self._signal(r, signal.SIGKILL)  # its files are about to go: no checkpoint needed
-        if r is not None:
-            r.handle.wait()
-        with self._cond:
-            trash = self.jobs_dir / TRASH_DIR
-            trash.mkdir(exist_ok=True)
-            target = trash / f"{job_id}-{new_job_id()}"
-            try:
-                os.replace(path, target)
-            except FileNotFoundError:
-                raise JobError(404, f"no job {job_id}") from None
-        shutil.rmtree(target, ignore_errors=True)
+        try:
+            if r is not None:
+                r.handle.wait()
+            with self._cond:
+                self._unrecorded.pop(job_id, None)
+                target = self.jobs_dir / TRASH_DIR / f"{job_id}-{new_job_id()}"
+                try:
+                    target.parent.mkdir(exist_ok=True)
+                    os.replace(path, target)
+                except FileNotFoundError:
+                    raise JobError(404, f"no job {job_id}") from None
+                except OSError:  # no room even for the trash folder: remove it in place
+                    target = path
+            shutil.rmtree(target, ignore_errors=True)
+        finally:
+            with self._cond:
+                self._deleting.discard(job_id)
 
     def queue_position(self, job_id: str) -> int | None:
         with self._cond:

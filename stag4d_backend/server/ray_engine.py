@@ -49,11 +49,12 @@ def run_job_task(job_dir: str, gpus: float, cpus: float) -> int:
         import torch
 
         torch.set_num_threads(max(1, int(cpus)))
+    from ..job import disk_full_stage
     from .jobs import repair_events
-    from .worker import StopSignals, run_locked, wait_lock
+    from .worker import StopSignals, disk_full_exit, run_locked, wait_lock
 
     path = Path(job_dir)
-    # Before anything else: ray.cancel() of this running task now means "stop at the next step boundary".
+    # Before the job is touched: ray.cancel() of this running task now means "stop at the next step boundary".
     stop = StopSignals(path, signals=(signal.SIGINT,))
     try:
         lock = wait_lock(path, LOCK_WAIT_S)
@@ -65,6 +66,11 @@ def run_job_task(job_dir: str, gpus: float, cpus: float) -> int:
             context = ray.get_runtime_context()
             state = run_locked(path, "cuda" if gpus > 0 else "cpu", stop, engine="ray",
                                ray_node=context.get_node_id(), ray_task=context.get_task_id())
+        except Exception as exc:
+            stage = disk_full_stage(exc)
+            if stage is None:
+                raise
+            return disk_full_exit(stage)  # the job could not record its failure: the server does (as for local)
         finally:
             os.close(lock)
     finally:

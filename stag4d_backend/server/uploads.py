@@ -1,9 +1,14 @@
 """Uploads: a multipart body streamed to disk with a size cap, its file recognised by its first bytes (never by
-its name). Fields: ``file`` (the video or image) and ``options`` (a JSON string, optional)."""
+its name). Fields: ``file`` (the video or image) and ``options`` (a JSON string, optional).
+
+Only a complete body makes a job: one that ends before the multipart's closing boundary (cut off, a
+Content-Length shorter than what was meant, a client gone) is 400, and one the disk cannot hold is 507; either way
+the temporary file is removed."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +16,11 @@ from pathlib import Path
 import anyio
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import parse_options_header
+from python_multipart.multipart import MultipartState, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from .. import media
+from ..job import is_disk_full
 from ..media import SNIFF_BYTES
 
 MAX_FIELD_BYTES = 64 * 1024   # the options field (JSON)
@@ -135,12 +142,16 @@ class _Parser:
     def flush(self) -> None:
         if self.pending:
             self.file_fh.write(b"".join(self.pending))
+            self.file_fh.flush()  # a full disk shows here, not in close()
             self.pending.clear()
             self.pending_bytes = 0
 
     def close(self, remove: bool) -> None:
         if self.file_fh is not None:
-            self.file_fh.close()
+            try:
+                self.file_fh.close()
+            except OSError:  # unflushed bytes of a refused upload on a full disk
+                pass
         if remove and self.file_path is not None:
             self.file_path.unlink(missing_ok=True)
 
@@ -153,10 +164,18 @@ async def receive_upload(request, tmp_dir: Path, max_bytes: int) -> Upload:
     boundary = params.get(b"boundary")
     if not boundary:
         raise UploadError(400, "multipart/form-data without a boundary")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes + MAX_FIELD_BYTES + 64 * 1024:
+    declared = request.headers.get("content-length", "")
+    declared = int(declared) if declared.isascii() and declared.isdigit() and len(declared) < 20 else None
+    if declared is not None and declared > max_bytes + MAX_FIELD_BYTES + 64 * 1024:
         raise UploadError(413, f"the upload ({declared} bytes) is larger than the server's limit of {max_bytes} bytes")
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(tmp_dir).free
+    except OSError as exc:
+        raise _disk_error(exc) from None
+    if declared is not None and declared > free:
+        raise UploadError(507, f"the upload ({declared} bytes) does not fit on the server's disk ({free} bytes "
+                               f"free); free space (or delete jobs) and try again")
     p = _Parser(tmp_dir, max_bytes)
     parser = MultipartParser(boundary, {
         "on_part_begin": p.on_part_begin, "on_part_data": p.on_part_data, "on_part_end": p.on_part_end,
@@ -164,12 +183,20 @@ async def receive_upload(request, tmp_dir: Path, max_bytes: int) -> Upload:
         "on_header_end": p.on_header_end, "on_headers_finished": p.on_headers_finished})
     ok = False
     try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-            if p.pending_bytes >= FLUSH_BYTES:
-                await anyio.to_thread.run_sync(p.flush)
-        parser.finalize()
-        p.flush()
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                if p.pending_bytes >= FLUSH_BYTES:
+                    await anyio.to_thread.run_sync(p.flush)
+            parser.finalize()
+            p.flush()
+        except ClientDisconnect:
+            raise UploadError(400, "the client went away before the body was complete") from None
+        except OSError as exc:
+            raise _disk_error(exc) from None
+        if parser.state != MultipartState.END:
+            raise UploadError(400, "the multipart body is incomplete (no closing boundary): it was cut off, or "
+                                   "shorter than its Content-Length said")
         if not p.file_seen:
             raise UploadError(400, "the multipart body has no 'file' part")
         if p.file_size == 0:
@@ -184,3 +211,11 @@ async def receive_upload(request, tmp_dir: Path, max_bytes: int) -> Upload:
         raise UploadError(400, f"malformed multipart body ({exc})") from None
     finally:
         p.close(remove=not ok)
+
+
+def _disk_error(exc: OSError) -> Exception:
+    """507 for a full disk; any other OSError stays itself (a 500 with an error id)."""
+    if is_disk_full(exc):
+        return UploadError(507, "the upload does not fit on the server's disk; free space (or delete jobs) and try "
+                                "again")
+    return exc

@@ -8,7 +8,8 @@ A fit in a separate process cannot block the server's event loop or hold its GIL
 - stops at the next step boundary on SIGTERM/SIGINT or when ``JOB_DIR/.cancel`` appears: the job then ends as
   "cancelled" if the cancel file exists (a user's cancel), else as "interrupted" (the server is shutting down;
   it resumes the job on its next start).
-Exit codes: 0 finished / cancelled / interrupted, 1 failed, 75 another worker holds the job.
+Exit codes: 0 finished / cancelled / interrupted, 1 failed, 75 another worker holds the job, 80 + i the disk
+was full at stage ``DISK_FULL_STAGES[i]`` and not even the failure could be recorded (the server records it).
 
 The Ray engine's task (ray_engine.py) runs a job through the same ``StopSignals`` and ``run_locked``.
 """
@@ -16,6 +17,7 @@ The Ray engine's task (ray_engine.py) runs a job through the same ``StopSignals`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -29,8 +31,20 @@ from pathlib import Path
 LOCK_FILE = ".worker.lock"
 CANCEL_FILE = ".cancel"
 EXIT_BUSY = 75
+EXIT_DISK_FULL = 80
+DISK_FULL_STAGES = ("start", "example", "video", "preprocess", "anchors", "fit", "bake")
 PR_SET_PDEATHSIG = 1
 PARENT_POLL_S = 0.5
+
+
+def disk_full_exit(stage: str) -> int:
+    return EXIT_DISK_FULL + (DISK_FULL_STAGES.index(stage) if stage in DISK_FULL_STAGES else 0)
+
+
+def disk_full_stage_of(code: int) -> str | None:
+    """The stage a worker's exit code says the disk was full at, or None."""
+    i = code - EXIT_DISK_FULL
+    return DISK_FULL_STAGES[i] if 0 <= i < len(DISK_FULL_STAGES) else None
 
 
 def try_lock(job_dir: Path) -> int | None:
@@ -113,14 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     if lock is None:
         print(f"{job_dir}: another worker is running this job", file=sys.stderr)
         return EXIT_BUSY
+    from ..job import Job, disk_full_stage
+
     try:
         state = run_locked(job_dir, args.device, stop)
+    except Exception as exc:
+        stage = disk_full_stage(exc)
+        if stage is None:
+            raise
+        with contextlib.suppress(OSError):  # worker.log is on the same full disk
+            print(f"disk full at {stage}: {exc!r}", file=sys.stderr)
+        return disk_full_exit(stage)
     finally:
         os.close(lock)
     if state == "failed":  # the details for worker.log (the job and its events carry the one-line error)
-        from ..job import Job
-
-        print(Job(job_dir).read().get("traceback") or "", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError):
+            print(Job(job_dir).read().get("traceback") or "", file=sys.stderr)
     return 1 if state == "failed" else 0
 
 
@@ -136,6 +158,7 @@ def run_locked(job_dir: Path, device: str | None, stop: StopSignals, **record) -
 
 if __name__ == "__main__":
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a full disk under worker.log must not change the exit code
+            stream.flush()
     os._exit(code)  # everything is on disk; skip the interpreter's (torch's) slow teardown

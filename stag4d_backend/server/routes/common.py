@@ -35,13 +35,25 @@ def error_response(status: int, detail: str, headers: dict | None = None) -> JSO
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-def one_line_validation(errors: list, request_errors: bool = False) -> tuple[str, list]:
-    """One line for ``detail`` and a short list for ``errors``; ``request_errors``: FastAPI's, whose locations
-    start with where the value was (body, query, path, header)."""
+def validation_response(errors: list) -> JSONResponse:
+    """The one answer to invalid input: 400 for malformed JSON (the body, or a field that holds JSON), else 422
+    with one line in ``detail`` and a short list in ``errors``. ``errors``: pydantic's, with FastAPI's locations
+    (the first item says where the value was: body, query, path, header)."""
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            field = [str(x) for x in e.get("loc", ())][1:]
+            what = f"the {'.'.join(field)!r} field" if field else "the body"
+            return error_response(400, f"{what} is not valid JSON")
+    text, items = one_line_validation(errors)
+    return JSONResponse({"detail": text, "errors": items}, status_code=422)
+
+
+def one_line_validation(errors: list) -> tuple[str, list]:
+    """One line for ``detail`` and a short list for ``errors`` (locations without FastAPI's first item)."""
     items = []
     for e in errors:
         loc = [str(x) for x in e.get("loc", ())]
-        if request_errors and loc and loc[0] in ("body", "query", "path", "header"):
+        if loc and loc[0] in ("body", "query", "path", "header"):
             loc = loc[1:]
         msg = str(e.get("msg", "")).removeprefix("Value error, ")
         items.append({"loc": loc, "msg": msg, "type": str(e.get("type", ""))})
@@ -60,7 +72,8 @@ _bearer = HTTPBearer(auto_error=False, description="the token from the server's 
 def error_responses(*codes: int) -> dict:
     text = {400: "malformed request", 401: "missing or wrong token", 403: "not allowed by the server's flags",
             404: "no such job or file", 409: "not possible in the job's state", 413: "upload too large",
-            415: "unsupported content", 422: "invalid values"}
+            415: "unsupported content", 422: "invalid values", 503: "the server is shutting down",
+            507: "the server's disk is full"}
     return {c: {"model": ErrorOut, "description": text[c]} for c in codes}
 
 

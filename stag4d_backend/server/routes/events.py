@@ -16,6 +16,13 @@ from .common import Context, JobId, error_responses, route_maker, v1_router
 KEEPALIVE_S = 15.0
 
 
+def _after_last_event_id(header: str | None) -> int:
+    """The event after ``Last-Event-ID`` (an event number: at most 10 ASCII digits); 0 for anything else, which
+    no server of ours sent (``isdigit`` alone would pass '²' and 5000 digits to ``int``, which refuses both)."""
+    text = (header or "").strip()
+    return int(text) + 1 if text.isascii() and text.isdigit() and len(text) <= 10 else 0
+
+
 def router(ctx: Context) -> APIRouter:
     r = v1_router()
     v1 = route_maker(r)
@@ -47,9 +54,8 @@ def router(ctx: Context) -> APIRouter:
         """The job's events from number ``since`` on (or after ``Last-Event-ID``)."""
         await run_in_threadpool(manager.read, job_id)  # 404 for an unknown job
         start = since
-        if start is None and last_event_id is not None and last_event_id.strip().isdigit():
-            start = int(last_event_id.strip()) + 1
-        start = start or 0
+        if start is None:
+            start = _after_last_event_id(last_event_id)
         log = hub.log(job_id)
         sse = format == "sse" or (format is None and "text/event-stream" in request.headers.get("accept", ""))
         if not sse:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ... import __version__
+from ..errors import internal_error
 from ..schemas import BAKE_FORMATS, PRESETS, Health, Info
 from .common import API_VERSION, Context, route_maker, v1_router
 
@@ -53,7 +54,8 @@ def router(ctx: Context) -> APIRouter:
                             "size_gb": spec.size_gb, "licence": spec.licence, "licence_note": spec.licence_note,
                             "problem": st.problem})
             except Exception as exc:  # a registry problem must not break /info
-                out.append({"name": name, "title": name, "present": False, "problem": str(exc)})
+                out.append({"name": name, "title": name, "present": False,
+                            "problem": internal_error(f"cannot check the model {name}", exc)})
         models_cache.update(at=now, models=out)
         return out
 

@@ -5,28 +5,42 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from ..jobs import JobError
 from ..schemas import JOB_CREATE, JobList, JobOptions, JobOut, PathJob
 from ..uploads import ACCEPTED, UploadError, receive_upload, sniff_file
-from .common import CREATE_BODY, Context, JobId, one_line_validation, error_responses, route_maker, v1_router
+from .common import CREATE_BODY, Context, JobId, error_responses, route_maker, v1_router
 
 MAX_JSON_BYTES = 1024 * 1024
 
 
+def _validated(validate, raw, where: tuple = ()):
+    """``validate(raw)``; invalid input goes the way of every request error (app.py's handler: 400 / 422), with
+    its location under ``body`` (and ``where``: the multipart field that held the JSON)."""
+    try:
+        return validate(raw)
+    except ValidationError as exc:
+        raise RequestValidationError([dict(e, loc=("body", *where, *e["loc"])) for e in exc.errors()]) from None
+
+
 async def _read_json_body(request: Request) -> bytes:
     """The body, refused (413) past MAX_JSON_BYTES whatever Content-Length says."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_JSON_BYTES:
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 12 or int(declared) > MAX_JSON_BYTES):
         raise HTTPException(413, f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_JSON_BYTES:
-            raise HTTPException(413, f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_JSON_BYTES:
+                raise HTTPException(413, f"a JSON body may be at most {MAX_JSON_BYTES} bytes")
+    except ClientDisconnect:
+        raise HTTPException(400, "the client went away before the body was complete") from None
     return bytes(body)
 
 
@@ -64,19 +78,13 @@ def router(ctx: Context) -> APIRouter:
     settings, manager, hub, view = ctx.settings, ctx.manager, ctx.hub, ctx.view
 
     @v1("POST", "/jobs", status_code=201, response_model=JobOut, tags=["jobs"],
-        openapi_extra={"requestBody": CREATE_BODY}, responses=error_responses(400, 403, 404, 413, 415, 422))
+        openapi_extra={"requestBody": CREATE_BODY},
+        responses=error_responses(400, 403, 404, 413, 415, 422, 507))
     async def create_job(request: Request):
         """A new job from JSON (example, prompt, server path) or from an upload (multipart: file + options)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json" or ctype.endswith("+json"):
-            body = await _read_json_body(request)
-            try:
-                req = JOB_CREATE.validate_json(body)
-            except ValidationError as exc:
-                if any(e.get("type") == "json_invalid" for e in exc.errors()):
-                    raise HTTPException(400, "the body is not valid JSON") from None
-                text, items = one_line_validation(exc.errors())
-                return JSONResponse({"detail": text, "errors": items}, status_code=422)
+            req = _validated(JOB_CREATE.validate_json, await _read_json_body(request))
             if req.kind == "path":
                 job_request = await run_in_threadpool(_path_request, req, settings.allow_server_paths)
             else:
@@ -90,14 +98,8 @@ def router(ctx: Context) -> APIRouter:
             except UploadError as exc:
                 raise HTTPException(exc.status, exc.detail) from None
             try:
-                raw = up.fields.get("options") or "{}"
-                try:
-                    options = JobOptions.model_validate_json(raw)
-                except ValidationError as exc:
-                    if any(e.get("type") == "json_invalid" for e in exc.errors()):
-                        raise HTTPException(400, "the 'options' field is not valid JSON") from None
-                    text, items = one_line_validation(exc.errors())
-                    return JSONResponse({"detail": f"options.{text}", "errors": items}, status_code=422)
+                # The field holds JSON, checked exactly as the JSON body's "options" (strict types included).
+                options = _validated(JobOptions.model_validate_json, up.fields.get("options") or "{}", ("options",))
                 job_request = {"kind": up.kind, "media_type": up.media_type, "filename": up.filename,
                                "size": up.size, "source": "upload", "options": options.model_dump(exclude_none=True)}
                 job_id = await run_in_threadpool(manager.create, job_request, up.path, up.suffix)
@@ -134,7 +136,7 @@ def router(ctx: Context) -> APIRouter:
         return await run_in_threadpool(view, job_id)
 
     @v1("POST", "/jobs/{job_id}/resume", status_code=202, response_model=JobOut, tags=["jobs"],
-             responses=error_responses(404, 409, 422))
+             responses=error_responses(404, 409, 422, 503, 507))
     async def resume_job(job_id: JobId):
         """Queues a cancelled, interrupted or failed job again; it resumes from its last checkpoint."""
         await run_in_threadpool(manager.resume, job_id)
