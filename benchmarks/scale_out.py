@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,7 @@ def main() -> int:
         for server in servers.values():
             server.stop()
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
     load1 = os.getloadavg()
     report = {"cpu_model": cpu_model(), "cpus": os.cpu_count(), "jobs": args.jobs, "rounds": args.rounds,
               "slots": args.slots, "iters": args.iters, "ray_cluster_start_s": cluster_s, "server_start_s": start_s,
