@@ -20,6 +20,8 @@ from .gaussians.deformation import DeformationConfig
 from .gaussians.densify import AdaptiveDensification
 
 GUIDANCE_CHOICES = ("anchors", "sds", "sds+anchors")
+# Weight of the keep-inside-every-view term (fitting/in_view.py) in the presets that use it.
+IN_VIEW_WEIGHT = 100.0
 
 
 @dataclass
@@ -43,6 +45,9 @@ class FitConfig:
     guidance_scale: float = 5.0
     sds_anneal_iters: int = 3000
     invert_bg_prob: float = 0.5           # random views: black background with this probability
+    # Keep every deformed Gaussian inside the image of every training view (fitting/in_view.py); 0 = off (the
+    # authors have no such term). Sum over Gaussians of the squared overshoot in normalised image units.
+    lambda_in_view: float = 0.0
     # Cameras.
     input_elevation: float = 0.0
     radius: float = 2.0
@@ -133,7 +138,7 @@ def tiny() -> FitConfig:
     return FitConfig(
         preset="tiny", guidance="anchors", iters=40, coarse_iters=10, batch_size=1, ref_resolution=32,
         anchor_resolution=32, view_resolutions=((0.0, 32),), ramp_iters=1, lr_max_steps=40, num_pts=300,
-        checkpoint_every=10, anchors_per_step=1,
+        checkpoint_every=10, anchors_per_step=1, lambda_in_view=IN_VIEW_WEIGHT,
         deformation=DeformationConfig(resolution=(8, 8, 8, 4), multires=(1,), feature_dim=8, width=16),
         densify=AdaptiveDensification(refine_start=15, refine_stop=35, refine_every=10, densify_fraction=0.05,
                                       max_gaussians=2000),

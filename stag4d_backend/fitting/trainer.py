@@ -26,6 +26,7 @@ from ..gaussians.schedules import log_linear_lr
 from ..guidance.base import ScoreDistillation
 from ..render import rasterize
 from ..render.cameras import OrbitCamera, anchor_cameras, to_torch
+from .in_view import TrainingViews
 from .views import choose_conditioning, sample_random_view
 
 WHITE = (1.0, 1.0, 1.0)
@@ -67,6 +68,8 @@ class Trainer:
                                     self.device)
         self.anchors = [_CameraTensors(c, self.device) for c in anchor_cameras(
             cfg.anchor_resolution, cfg.anchor_radius or cfg.radius, cfg.fovy, cfg.input_elevation)]
+        self.training_views = TrainingViews.for_fit(cfg.radius, cfg.fovy, cfg.input_elevation, cfg.anchor_radius,
+                                                    self.device)
 
         init_gen = torch.Generator().manual_seed(cfg.seed)
         self.model = GaussianModel.init_random_ball(cfg.num_pts, cfg.init_radius, generator=init_gen,
@@ -147,6 +150,10 @@ class Trainer:
             total = total + ramp * (cfg.lambda_rgb * l_rgb + cfg.lambda_alpha * l_alpha)
             terms["ref_rgb"] += l_rgb.item()
             terms["ref_alpha"] += l_alpha.item()
+            if cfg.lambda_in_view > 0:
+                l_in_view = self.training_views.loss(g.means)
+                total = total + cfg.lambda_in_view * l_in_view
+                terms["in_view"] += l_in_view.item()
 
             if self.use_anchors:
                 ks = torch.randperm(6, generator=self.generator)[: cfg.anchors_per_step].tolist()
