@@ -35,7 +35,9 @@ from stag4d_backend.dataset import load_frames  # noqa: E402
 from stag4d_backend.example_scene import ExampleCreature, GaussianFrame, write_stag4d_layout  # noqa: E402
 from stag4d_backend.fitting.trainer import Trainer  # noqa: E402
 from stag4d_backend.gaussians.densify import AdaptiveDensification  # noqa: E402
-from stag4d_backend.render.cameras import anchor_cameras, front_camera  # noqa: E402
+from stag4d_backend.metrics import psnr  # noqa: E402
+from stag4d_backend.render.cameras import OrbitCamera, anchor_cameras, front_camera, to_torch  # noqa: E402
+from stag4d_backend.render.view import render_view  # noqa: E402
 
 FAR = 1.7
 VISIBLE_OPACITY = 0.05
@@ -139,6 +141,40 @@ class Tracking(AdaptiveDensification):
         return out
 
 
+HELD_OUT_VIEWS = [(el, az) for el in (0.0, 15.0) for az in (60.0, 120.0, 180.0, 240.0, 300.0)]
+
+
+@torch.no_grad()
+def quality(trainer: Trainer, creature, data, size: int = 128) -> dict:
+    """Synthetic: held-out PSNR (10 views x 4 frames) against the ground truth; minions: front / anchor PSNR."""
+    from stag4d_backend.example_scene import render_frame
+
+    F = trainer.num_frames
+    frames = sorted({0, F // 4, F // 2, (3 * F) // 4, F - 1})
+    res = {}
+    if creature is not None:
+        vals = []
+        for f in frames:
+            for el, az in HELD_OUT_VIEWS:
+                cam = OrbitCamera(el, az, 2.0, 49.1, size)
+                gt, _ = render_frame(creature.at(f / F), cam)
+                g = trainer.gaussians_at(f / F, to_torch(cam.position))
+                vals.append(psnr(render_view(g, cam).rgb, gt))
+        res["held_out_psnr"] = round(float(np.mean(vals)), 2)
+    front = []
+    for f in frames:
+        cam = front_camera(data.ref_rgb.shape[1])
+        front.append(psnr(render_view(trainer.gaussians_at(f / F), cam).rgb, data.ref_rgb[f]))
+    res["front_psnr"] = round(float(np.mean(front)), 2)
+    if data.has_anchors:
+        anc = []
+        for f in frames:
+            for k, cam in enumerate(anchor_cameras(data.anchor_rgb.shape[2])):
+                anc.append(psnr(render_view(trainer.gaussians_at(f / F), cam).rgb, data.anchor_rgb[f, k]))
+        res["anchor_psnr"] = round(float(np.mean(anc)), 2)
+    return res
+
+
 def run(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="stag4d-probe-"))
     cfg = get_preset(args.preset)
@@ -157,6 +193,7 @@ def run(args) -> dict:
         frames = list(range(args.frames)) if args.frames else None
         data = load_frames(args.minions, cfg.ref_resolution, cfg.anchor_resolution, frames=frames)
         centres, radii = mask_bounds(data.ref_mask)
+        creature = None
     else:
         creature = (FastCreature if args.scene == "fast" else ExampleCreature)(12000, seed=0)
         nf = args.frames or 16
@@ -227,6 +264,7 @@ def run(args) -> dict:
     }
     torch.save({"model": trainer.model.state(), "deformation": trainer.deformation.state_dict(),
                 "uid": uid, "lineage": tracking.lineage, "d": d, "seen": seen, "op": op}, work / "probe_end.pt")
+    summary.update(quality(trainer, creature, data))
     summary["work"] = str(work)
     return summary
 

@@ -15,6 +15,15 @@ from stag4d_backend.fitting.trainer import Trainer
 FAR = 1.7  # floaters: farther than 1.7 object radii from the centre at some frame
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and far faster on a busy machine (no thread contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_overshoot_is_zero_inside_every_view_and_pulls_a_far_point_back():
     views = TrainingViews.for_fit(2.0, 49.1)
     inside = torch.tensor([[0.0, 0.0, 0.0], [0.3, -0.2, 0.25]])
@@ -108,3 +117,24 @@ def test_a_gaussian_pushed_out_of_every_view_at_one_frame_does_not_survive(toy_d
         assert cfg.lambda_in_view > 0
         assert not floaters.any(), int(floaters.sum())
         assert not trainer.training_views.outside_any(at_frame_3[None], tolerance=0.05).item()
+
+
+def test_bake_reports_gaussians_outside_every_view_and_removes_nothing(tmp_path):
+    import json
+
+    from bake_fixtures import creature_model, moving_deformation
+
+    from stag4d_backend.fitted import save_fitted
+    from stag4d_backend.gaussians.ply import load_ply
+    from stag4d_backend.stages.bake import bake
+
+    model = creature_model(200, seed=0)
+    with torch.no_grad():
+        model.params["xyz"][:3] = torch.tensor([[0.0, 4.0, 0.0], [6.0, 0.5, -1.0], [0.0, -5.0, 0.2]])
+        model.params["opacity"][2] = -8.0  # nearly transparent: not counted
+    save_fitted(tmp_path / "fit", model, moving_deformation(0, 0.02), {"num_frames": 3, "fps": 12.0})
+    res = bake(tmp_path / "fit", tmp_path / "bake", formats="ply")
+    manifest = json.loads((tmp_path / "bake" / "bake.json").read_text())
+    assert manifest["out_of_view"]["count"] == 2 and manifest["out_of_view"]["frames"] == [2, 2, 2]
+    assert res.out_of_view["count"] == 2 and "2 outside every training view" in res.summary()
+    assert load_ply(tmp_path / "bake" / "ply" / "0002.ply")["xyz"].shape[0] == 200  # reported, not removed

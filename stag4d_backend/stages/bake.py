@@ -85,9 +85,9 @@ class BakeResult:
     timings: dict[str, float]          # seconds per step ("evaluate", "usd", "ply", "mesh", "preview", ...)
     elapsed_s: float
     mesh: dict | None = None           # vertices, faces, level, voxel size, component stats
-    out_of_view: dict | None = None    # the reported stray-Gaussian check (_out_of_view_check)
     notes: tuple[str, ...] = ()
     removed: tuple[Path, ...] = ()     # stale outputs deleted
+    out_of_view: dict | None = None    # the reported stray-Gaussian check (_out_of_view_check)
 
     @property
     def paths(self) -> list[Path]:
