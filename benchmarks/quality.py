@@ -12,6 +12,7 @@ any baked frame; stag4d_backend/metrics.py). One JSON line per scene and one for
         --picture hard.png --work /tmp/hard               # the whole set, fits kept under /tmp/hard
     .venv/bin/python benchmarks/quality.py --scene hard --only ball --variant noisy     # one scene
     .venv/bin/python benchmarks/quality.py --scene hard --work /tmp/hard --reuse-fits   # re-score kept fits
+    .venv/bin/python benchmarks/quality.py --table out.jsonl                            # Markdown table
 
 Synthetic scene: the procedural animated creature of ``stag4d_backend/example_scene.py`` (exact ground truth at
 any camera and time) is written in the STAG4D layout (front view + the six exact anchor views per frame), fitted
@@ -320,6 +321,29 @@ def hard(args) -> list[dict]:
     return results
 
 
+def markdown_table(jsonl: Path) -> str:
+    """The hard-set lines of a ``--json`` file as a Markdown table (one row per scene and variant, then means)."""
+    rows = [json.loads(ln) for ln in Path(jsonl).read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "variant" in r and r["scene"] != "mean"]
+    cols = ("held_out_psnr", "held_out_ssim", "held_out_iou", "seen_psnr", "in_between_front_psnr",
+            "in_between_back_psnr", "floaters_pct", "farthest_visible_over_radius", "steps_done", "fit_wall_s",
+            "num_gaussians", "load_avg_1m")
+    out = ["| scene | variant | held-out PSNR | SSIM | IoU | seen PSNR | in-between front / back | floaters % | "
+           "farthest / r | steps | fit s | Gaussians | load |", "|---|---|" + "---:|" * 11]
+    for r in rows:
+        v = [r.get(c) for c in cols]
+        out.append(f"| {r['scene']} | {r['variant']} | {v[0]} | {v[1]} | {v[2]} | {v[3]} | {v[4]} / {v[5]} | {v[6]} | "
+                   f"{v[7]} | {v[8]} | {v[9]} | {v[10]} | {v[11]} |")
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        sel = [r for r in rows if r["variant"] == variant]
+        m = {c: float(np.mean([r[c] for r in sel])) for c in cols[:8]}
+        out.append(f"| **mean of {len(sel)}** | {variant} | **{m['held_out_psnr']:.2f}** | {m['held_out_ssim']:.4f} | "
+                   f"{m['held_out_iou']:.4f} | {m['seen_psnr']:.2f} | {m['in_between_front_psnr']:.2f} / "
+                   f"{m['in_between_back_psnr']:.2f} | **{m['floaters_pct']:.3f}** (max "
+                   f"{max(r['floaters_pct'] for r in sel)}) | | | | | |")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scene", choices=["synthetic", "minions", "hard"], default="synthetic")
@@ -339,7 +363,11 @@ def main() -> None:
     p.add_argument("--work", help="working directory (default: a new temporary one)")
     p.add_argument("--picture", help="PNG of ground truth beside render (synthetic)")
     p.add_argument("--json", help="append the result as one JSON line to this file")
+    p.add_argument("--table", help="print the hard-set lines of this --json file as a Markdown table and exit")
     args = p.parse_args()
+    if args.table:
+        print(markdown_table(Path(args.table)))
+        return
     if args.scene == "hard":
         hard(args)
         return
