@@ -90,16 +90,18 @@ def mask_bounds(mask: torch.Tensor, fovy: float = 49.1, radius: float = 2.0) -> 
     return torch.stack(cs), torch.stack(rs)
 
 
-def seen_by(means: torch.Tensor, cameras) -> torch.Tensor:
-    """[N] bool: the point projects inside the image of at least one camera, in front of it."""
-    out = torch.zeros(means.shape[0], dtype=torch.bool)
+def seen_by(means: torch.Tensor, cameras, every: bool = False) -> torch.Tensor:
+    """[N] bool: the point projects inside the image of at least one camera (of every camera with ``every``),
+    in front of it."""
+    out = torch.full((means.shape[0],), every, dtype=torch.bool)
     for cam in cameras:
         V = torch.as_tensor(cam.viewmat, dtype=means.dtype)
         K = torch.as_tensor(cam.K, dtype=means.dtype)
         pc = means @ V[:3, :3].T + V[:3, 3]
         z = pc[:, 2]
         uv = pc[:, :2] / z.clamp_min(1e-6)[:, None] * K[0, 0] + K[:2, 2]
-        out |= (z > 0.05) & (uv[:, 0] >= 0) & (uv[:, 0] < cam.size) & (uv[:, 1] >= 0) & (uv[:, 1] < cam.size)
+        inside = (z > 0.05) & (uv[:, 0] >= 0) & (uv[:, 0] < cam.size) & (uv[:, 1] >= 0) & (uv[:, 1] < cam.size)
+        out = out & inside if every else out | inside
     return out
 
 
@@ -107,12 +109,13 @@ def seen_by(means: torch.Tensor, cameras) -> torch.Tensor:
 def per_frame_distance(trainer: Trainer, centres, radii):
     """[F, N] distance / radius and [F, N] seen-by-a-training-camera."""
     cams = [front_camera(256)] + anchor_cameras(256)
-    d, seen = [], []
+    d, seen, seen_all = [], [], []
     for f in range(trainer.num_frames):
         g = trainer.gaussians_at(f / trainer.num_frames)
         d.append((g.means - centres[f]).norm(dim=1) / radii[f])
         seen.append(seen_by(g.means, cams))
-    return torch.stack(d), torch.stack(seen)
+        seen_all.append(seen_by(g.means, cams, every=True))
+    return torch.stack(d), torch.stack(seen), torch.stack(seen_all)
 
 
 class Tracking(AdaptiveDensification):
@@ -175,6 +178,23 @@ def quality(trainer: Trainer, creature, data, size: int = 128) -> dict:
     return res
 
 
+@torch.no_grad()
+def hard_held_out(trainer: Trainer, folder, scene: dict) -> float:
+    """Mean PSNR on white over the hard scene's held-out views and frames (as benchmarks/quality.py)."""
+    from PIL import Image
+
+    vals = []
+    for f in scene["heldout_frames"]:
+        for v, cd in enumerate(scene["heldout_cameras"]):
+            cam = OrbitCamera.from_dict(cd)
+            rgba = np.asarray(Image.open(Path(folder) / "heldout" / str(f) / f"{v}.png").convert("RGBA"),
+                              dtype=np.float32) / 255.0
+            gt = torch.from_numpy(rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:]))
+            g = trainer.gaussians_at(f / trainer.num_frames, to_torch(cam.position))
+            vals.append(psnr(render_view(g, cam).rgb, gt))
+    return round(float(np.mean(vals)), 2)
+
+
 def run(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="stag4d-probe-"))
     cfg = get_preset(args.preset)
@@ -189,7 +209,14 @@ def run(args) -> dict:
         for p in parts[:-1]:
             obj = getattr(obj, p)
         setattr(obj, parts[-1], type(getattr(obj, parts[-1]))(json.loads(val)))
-    if args.scene == "minions":
+    hard = None
+    if args.hard:
+        hard = json.loads((Path(args.hard) / "scene.json").read_text())
+        data = load_frames(Path(args.hard) / args.variant, cfg.ref_resolution, cfg.anchor_resolution)
+        b = torch.tensor(hard["bounds_train"], dtype=torch.float32)
+        centres, radii = b[:, :3], b[:, 3]
+        creature = None
+    elif args.scene == "minions":
         frames = list(range(args.frames)) if args.frames else None
         data = load_frames(args.minions, cfg.ref_resolution, cfg.anchor_resolution, frames=frames)
         centres, radii = mask_bounds(data.ref_mask)
@@ -213,7 +240,7 @@ def run(args) -> dict:
     while trainer.it < cfg.iters:
         trainer.step()
         if trainer.it % args.every == 0 or trainer.it == cfg.iters:
-            d, seen = per_frame_distance(trainer, centres, radii)
+            d, seen, _ = per_frame_distance(trainer, centres, radii)
             op = torch.sigmoid(trainer.model.params["opacity"].detach()).reshape(-1)
             far = (d > FAR).any(0) & (op > VISIBLE_OPACITY)
             vis = op > VISIBLE_OPACITY
@@ -226,7 +253,7 @@ def run(args) -> dict:
                             "far_per_frame": [int(((d[f] > FAR) & vis).sum()) for f in range(d.shape[0])]})
             print(f"step {trainer.it} {time.perf_counter() - t0:.0f}s {history[-1]}", flush=True)
     # The floaters at the end, explained.
-    d, seen = per_frame_distance(trainer, centres, radii)
+    d, seen, seen_all = per_frame_distance(trainer, centres, radii)
     op = torch.sigmoid(trainer.model.params["opacity"].detach()).reshape(-1)
     vis = op > VISIBLE_OPACITY
     far_f = (d > FAR) & vis
@@ -249,6 +276,7 @@ def run(args) -> dict:
         "visible": int(vis.sum()), "floaters": int(far.sum()), "fraction": round(float(far.sum()) / int(vis.sum()), 4),
         "far_per_frame": far_f.sum(1).tolist(),
         "seen_by_a_training_camera_while_far (Gaussian-frames)": seen_when_far,
+        "seen_by_every_training_camera_while_far (Gaussian-frames)": int((far_f & seen_all).sum()),
         "far Gaussian-frames": int(far_f.sum()),
         "frames out per floater (median)": float(frames_far.float().median()) if far.any() else 0,
         "lineage": kinds,
@@ -265,6 +293,8 @@ def run(args) -> dict:
     torch.save({"model": trainer.model.state(), "deformation": trainer.deformation.state_dict(),
                 "uid": uid, "lineage": tracking.lineage, "d": d, "seen": seen, "op": op}, work / "probe_end.pt")
     summary.update(quality(trainer, creature, data))
+    if hard is not None:
+        summary.update(scene=hard["name"] + "/" + args.variant, held_out_psnr=hard_held_out(trainer, args.hard, hard))
     summary["work"] = str(work)
     return summary
 
@@ -278,6 +308,8 @@ def main():
     p.add_argument("--frames", type=int, default=0)
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--set", action="append", help="override a config field, e.g. densify.max_gaussians=20000")
+    p.add_argument("--hard", help="a hard-set scene folder (benchmarks/scenes/build.py --list)")
+    p.add_argument("--variant", default="exact", choices=["exact", "noisy"])
     p.add_argument("--minions", default=str(REPO.parent / "shared" / "data" / "minions"))
     p.add_argument("--work")
     p.add_argument("--json")

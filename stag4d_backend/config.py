@@ -48,6 +48,13 @@ class FitConfig:
     # Keep every deformed Gaussian inside the image of every training view (fitting/in_view.py); 0 = off (the
     # authors have no such term). Sum over Gaussians of the squared overshoot in normalised image units.
     lambda_in_view: float = 0.0
+    # At each densification event, a Gaussian whose centre is off the object's silhouette (outside the image, or
+    # on background beyond ``silhouette_margin`` x the image side) in at least this many training views at some
+    # frame is neither cloned nor split and is pruned (fitting/in_view.py); 0 = off (the authors' rule).
+    stray_min_views: int = 0
+    silhouette_margin: float = 0.02
+    stray_prune_from: float = 0.5         # strays are pruned from this fraction of ``iters`` on; before, only
+                                          # kept from densifying (early on, the motion is not learnt yet)
     # Cameras.
     input_elevation: float = 0.0
     radius: float = 2.0

@@ -138,3 +138,46 @@ def test_bake_reports_gaussians_outside_every_view_and_removes_nothing(tmp_path)
     assert manifest["out_of_view"]["count"] == 2 and manifest["out_of_view"]["frames"] == [2, 2, 2]
     assert res.out_of_view["count"] == 2 and "2 outside every training view" in res.summary()
     assert load_ply(tmp_path / "bake" / "ply" / "0002.ply")["xyz"].shape[0] == 200  # reported, not removed
+
+
+def test_off_silhouette_counts_views_where_the_centre_is_on_background():
+    views = TrainingViews.for_fit(2.0, 49.1)
+    full, empty = torch.ones(32, 32), torch.zeros(32, 32)
+    disc = torch.zeros(32, 32)
+    disc[12:20, 12:20] = 1.0  # the object: a small square in the middle of every view
+    pts = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.7], [0.0, 4.0, 0.0]])
+    assert views.off_silhouette(pts, [full] * 7).tolist() == [0, 0, 7]  # (0, 4, 0) is outside every image
+    assert views.off_silhouette(pts, [empty] * 7).tolist() == [7, 7, 7]
+    # (0, 0, 0.7) is on the front camera's axis (on the square) but off it from every anchor pose.
+    assert views.off_silhouette(pts, [disc] * 7, margin=0.0).tolist() == [0, 6, 7]
+
+
+def test_stray_gaussians_are_not_densified_and_are_pruned():
+    from stag4d_backend.gaussians.densify import AdaptiveDensification
+    from stag4d_backend.gaussians.model import GaussianModel
+
+    def event(prune_stray):
+        model = GaussianModel.init_random_ball(20, 0.3, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model.params["scaling"].fill_(-4.0)  # small: densified by cloning
+            model.params["opacity"].fill_(2.0)
+        strategy = AdaptiveDensification(refine_start=1, refine_stop=10, refine_every=1, event_offset=0,
+                                         densify_fraction=0.5, prune_small_scale=None)
+        state = strategy.initialize_state(20)
+        grads = torch.zeros(20, 2)
+        grads[:4] = 1.0  # the four with the largest gradients: candidates for cloning
+        stray = torch.zeros(20, dtype=torch.bool)
+        stray[:2] = True
+        xyz0 = model.params["xyz"].detach().clone()
+        out = strategy.step_post_backward(model.params, None, state, 1, info={
+            "grad2d": grads, "visible": torch.ones(20, dtype=torch.bool), "stray": stray, "prune_stray": prune_stray})
+        return out, model.params["xyz"].detach(), xyz0
+
+    out, xyz, xyz0 = event(True)
+    assert out["num_clone"] == 2 and out["num_stray"] == 2 and out["num_after"] == 20  # 20 + 2 clones - 2 strays
+    kept = {tuple(p) for p in xyz.tolist()}
+    assert tuple(xyz0[0].tolist()) not in kept and tuple(xyz0[1].tolist()) not in kept
+    assert sum(tuple(p) == tuple(xyz0[2].tolist()) for p in xyz.tolist()) == 2  # the non-stray one was cloned
+    out, xyz, xyz0 = event(False)  # early events: strays kept, but not copied
+    assert out["num_clone"] == 2 and out["num_after"] == 22
+    assert sum(tuple(p) == tuple(xyz0[0].tolist()) for p in xyz.tolist()) == 1

@@ -63,6 +63,32 @@ class TrainingViews:
         return torch.square(self.overshoot(means)).sum()
 
 
+    @torch.no_grad()
+    def off_silhouette(self, means: torch.Tensor, masks: list[torch.Tensor], margin: float = 0.02) -> torch.Tensor:
+        """[N] number of cameras in whose image the point falls outside the object's silhouette: outside the
+        image, or on background farther than ``margin`` (a fraction of the image side) from the mask. ``masks``:
+        one [H, W] matte per camera, in this object's camera order."""
+        count = torch.zeros(means.shape[0], dtype=torch.long, device=means.device)
+        pc = torch.einsum("cij,nj->cni", self.R.to(means.dtype), means) + self.t.to(means.dtype)[:, None, :]
+        for c, mask in enumerate(masks):
+            size = mask.shape[-1]
+            grown = _dilate(mask, max(0, round(margin * size)))
+            z = pc[c, :, 2]
+            ndc = pc[c, :, :2] / (z.clamp_min(1e-6)[:, None] * self.tan_half[c].to(means.dtype))
+            pix = ((ndc + 1.0) * 0.5 * size).floor().long()  # OpenCV camera: x right, y down
+            inside = (z > 0) & (pix >= 0).all(1) & (pix < size).all(1)
+            pix = pix.clamp(0, size - 1)
+            on_object = grown[pix[:, 1], pix[:, 0]] > 0.5
+            count += (~(inside & on_object)).long()
+        return count
+
+
+def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    if radius <= 0:
+        return mask
+    return torch.nn.functional.max_pool2d(mask[None, None].float(), 2 * radius + 1, 1, radius)[0, 0]
+
+
 VISIBLE_OPACITY = 0.05
 
 

@@ -70,6 +70,9 @@ class Trainer:
             cfg.anchor_resolution, cfg.anchor_radius or cfg.radius, cfg.fovy, cfg.input_elevation)]
         self.training_views = TrainingViews.for_fit(cfg.radius, cfg.fovy, cfg.input_elevation, cfg.anchor_radius,
                                                     self.device)
+        # The silhouette check uses the views that have a matte: the front, and the anchors when present.
+        self.silhouette_views = self.training_views if data.has_anchors else TrainingViews(
+            [self.front.camera], self.device)
 
         init_gen = torch.Generator().manual_seed(cfg.seed)
         self.model = GaussianModel.init_random_ball(cfg.num_pts, cfg.init_radius, generator=init_gen,
@@ -202,9 +205,12 @@ class Trainer:
                                  else torch.zeros(n, 2, device=self.device) for r in renders])
             visible = torch.stack([r.radii > 0 for r in renders])
             sizes = [(r.rgb.shape[1], r.rgb.shape[0]) for r in renders]
-            event = self.strategy.step_post_backward(
-                self.model.params, self.optimizer, self.densify_state, it,
-                info={"grad2d": grads, "visible": visible, "image_sizes": sizes})
+            info = {"grad2d": grads, "visible": visible, "image_sizes": sizes}
+            if cfg.stray_min_views > 0 and self.strategy.is_event_step(it):
+                info["stray"] = self.stray_gaussians()
+                info["prune_stray"] = it >= cfg.stray_prune_from * cfg.iters
+            event = self.strategy.step_post_backward(self.model.params, self.optimizer, self.densify_state, it,
+                                                     info=info)
 
         self.it = it
         stats = {k: v / cfg.batch_size if k != "reg" else v for k, v in terms.items()}
@@ -214,6 +220,19 @@ class Trainer:
         if event is not None:
             stats["densify"] = event
         return stats
+
+    @torch.no_grad()
+    def stray_gaussians(self) -> torch.Tensor:
+        """[N] bool: at some frame, off the object's silhouette in at least ``stray_min_views`` training views
+        (centre outside the image or on background beyond the margin). The data explains no such Gaussian there."""
+        stray = torch.zeros(self.model.num_points, dtype=torch.bool, device=self.device)
+        for f in range(self.num_frames):
+            means = self.gaussians_at(f / self.num_frames).means
+            masks = [self.ref_mask[f]] + ([self.anchor_mask[f, k] for k in range(self.anchor_mask.shape[1])]
+                                          if self.data.has_anchors else [])
+            off = self.silhouette_views.off_silhouette(means, masks, self.cfg.silhouette_margin)
+            stray |= off >= self.cfg.stray_min_views
+        return stray
 
     # ------------------------------------------------------------------------------------------- state
 
