@@ -22,6 +22,8 @@ from .gaussians.densify import AdaptiveDensification
 GUIDANCE_CHOICES = ("anchors", "sds", "sds+anchors")
 # Weight of the keep-inside-every-view term (fitting/in_view.py) in the presets that use it.
 IN_VIEW_WEIGHT = 100.0
+# Views off the silhouette that make a Gaussian a stray at a densification event (FitConfig.stray_min_views).
+STRAY_MIN_VIEWS = 2
 
 
 @dataclass
@@ -120,6 +122,7 @@ def paper() -> FitConfig:
 
 def standard() -> FitConfig:
     return FitConfig(preset="standard", guidance="sds+anchors", iters=6000, coarse_iters=500,
+                     lambda_in_view=IN_VIEW_WEIGHT, stray_min_views=STRAY_MIN_VIEWS,
                      deformation=DeformationConfig(time_mapping="symmetric"),
                      densify=AdaptiveDensification(refine_start=900, refine_stop=4500))
 
@@ -129,7 +132,7 @@ def preview() -> FitConfig:
         preset="preview", guidance="anchors", iters=3000, coarse_iters=300, batch_size=1,
         ref_resolution=256, anchor_resolution=256, view_resolutions=((0.0, 256),),
         anchors_per_step=2, ramp_iters=1, lr_max_steps=3000,
-        num_pts=5000, checkpoint_every=250,
+        num_pts=5000, checkpoint_every=250, lambda_in_view=IN_VIEW_WEIGHT, stray_min_views=STRAY_MIN_VIEWS,
         lr={"xyz": (1.6e-3, 1.6e-5), "deformation": (1.6e-3, 1.6e-4), "grid": (1.6e-2, 1.6e-3),
             "f_dc": (5e-3, 5e-3), "f_rest": (2.5e-4, 2.5e-4), "opacity": (2e-2, 2e-2),
             "scaling": (5e-3, 5e-3), "rotation": (2e-3, 2e-3)},
