@@ -72,7 +72,7 @@ class TrainingViews:
         pc = torch.einsum("cij,nj->cni", self.R.to(means.dtype), means) + self.t.to(means.dtype)[:, None, :]
         for c, mask in enumerate(masks):
             size = mask.shape[-1]
-            grown = _dilate(mask, max(0, round(margin * size)))
+            grown = dilate_mask(mask, margin)
             z = pc[c, :, 2]
             ndc = pc[c, :, :2] / (z.clamp_min(1e-6)[:, None] * self.tan_half[c].to(means.dtype))
             pix = ((ndc + 1.0) * 0.5 * size).floor().long()  # OpenCV camera: x right, y down
@@ -83,7 +83,9 @@ class TrainingViews:
         return count
 
 
-def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+def dilate_mask(mask: torch.Tensor, margin: float) -> torch.Tensor:
+    """The matte [H, W] grown by ``margin`` x its side (a square max filter); unchanged for margin 0."""
+    radius = max(0, round(margin * mask.shape[-1]))
     if radius <= 0:
         return mask
     return torch.nn.functional.max_pool2d(mask[None, None].float(), 2 * radius + 1, 1, radius)[0, 0]
@@ -107,4 +109,4 @@ def count_out_of_view(views: TrainingViews, positions: torch.Tensor, opacities: 
     return {"count": int(out.sum()), "visible": int(vis.sum()), "frames": per_frame}
 
 
-__all__ = ["TrainingViews", "count_out_of_view", "VISIBLE_OPACITY"]
+__all__ = ["TrainingViews", "count_out_of_view", "dilate_mask", "VISIBLE_OPACITY"]

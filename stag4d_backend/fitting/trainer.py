@@ -26,7 +26,7 @@ from ..gaussians.schedules import log_linear_lr
 from ..guidance.base import ScoreDistillation
 from ..render import rasterize
 from ..render.cameras import OrbitCamera, anchor_cameras, to_torch
-from .in_view import TrainingViews
+from .in_view import TrainingViews, dilate_mask
 from .views import choose_conditioning, sample_random_view
 
 WHITE = (1.0, 1.0, 1.0)
@@ -73,6 +73,7 @@ class Trainer:
         # The silhouette check uses the views that have a matte: the front, and the anchors when present.
         self.silhouette_views = self.training_views if data.has_anchors else TrainingViews(
             [self.front.camera], self.device)
+        self._grown_masks = None
 
         init_gen = torch.Generator().manual_seed(cfg.seed)
         self.model = GaussianModel.init_random_ball(cfg.num_pts, cfg.init_radius, generator=init_gen,
@@ -225,12 +226,15 @@ class Trainer:
     def stray_gaussians(self) -> torch.Tensor:
         """[N] bool: at some frame, off the object's silhouette in at least ``stray_min_views`` training views
         (centre outside the image or on background beyond the margin). The data explains no such Gaussian there."""
+        if self._grown_masks is None:  # the mattes grown by the margin, once (bool: small)
+            m = self.cfg.silhouette_margin
+            self._grown_masks = [[dilate_mask(self.ref_mask[f], m) > 0.5] + (
+                [dilate_mask(self.anchor_mask[f, k], m) > 0.5 for k in range(self.anchor_mask.shape[1])]
+                if self.data.has_anchors else []) for f in range(self.num_frames)]
         stray = torch.zeros(self.model.num_points, dtype=torch.bool, device=self.device)
         for f in range(self.num_frames):
             means = self.gaussians_at(f / self.num_frames).means
-            masks = [self.ref_mask[f]] + ([self.anchor_mask[f, k] for k in range(self.anchor_mask.shape[1])]
-                                          if self.data.has_anchors else [])
-            off = self.silhouette_views.off_silhouette(means, masks, self.cfg.silhouette_margin)
+            off = self.silhouette_views.off_silhouette(means, self._grown_masks[f], margin=0.0)
             stray |= off >= self.cfg.stray_min_views
         return stray
 
