@@ -57,6 +57,8 @@ class FitConfig:
     silhouette_margin: float = 0.02
     stray_prune_from: float = 0.5         # strays are pruned from this fraction of ``iters`` on; before, only
                                           # kept from densifying (early on, the motion is not learnt yet)
+    stray_prune_max_fraction: float = 0.05  # ... and only when they are outliers: at most this share of all
+                                            # Gaussians (more means the fit is not aligned yet, not floaters)
     # Cameras.
     input_elevation: float = 0.0
     radius: float = 2.0

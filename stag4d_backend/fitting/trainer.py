@@ -208,8 +208,9 @@ class Trainer:
             sizes = [(r.rgb.shape[1], r.rgb.shape[0]) for r in renders]
             info = {"grad2d": grads, "visible": visible, "image_sizes": sizes}
             if cfg.stray_min_views > 0 and self.strategy.is_event_step(it):
-                info["stray"] = self.stray_gaussians()
-                info["prune_stray"] = it >= cfg.stray_prune_from * cfg.iters
+                stray = info["stray"] = self.stray_gaussians()
+                info["prune_stray"] = (it >= cfg.stray_prune_from * cfg.iters
+                                       and int(stray.sum()) <= cfg.stray_prune_max_fraction * stray.numel())
             event = self.strategy.step_post_backward(self.model.params, self.optimizer, self.densify_state, it,
                                                      info=info)
 
