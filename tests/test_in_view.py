@@ -181,3 +181,28 @@ def test_stray_gaussians_are_not_densified_and_are_pruned():
     out, xyz, xyz0 = event(False)  # early events: strays kept, but not copied
     assert out["num_clone"] == 2 and out["num_after"] == 22
     assert sum(tuple(p) == tuple(xyz0[0].tolist()) for p in xyz.tolist()) == 1
+
+
+def test_an_unaligned_fit_is_not_pruned_away_by_the_silhouette_check(toy_data):
+    """Strays are pruned only while they are outliers: a fit whose Gaussians are largely off the silhouettes (a
+    random ball at step 2) keeps them (only their densification is held back)."""
+    data, _, _ = toy_data
+
+    def first_event(max_fraction):
+        cfg = get_preset("tiny")
+        cfg = dataclasses.replace(cfg, stray_min_views=2, stray_prune_from=0.0, iters=40, coarse_iters=1,
+                                  stray_prune_max_fraction=max_fraction,
+                                  densify=dataclasses.replace(cfg.densify, refine_start=2, refine_stop=2,
+                                                              refine_every=1, event_offset=0))
+        trainer = Trainer(cfg, data)
+        events = [s["densify"] for s in (trainer.step(), trainer.step()) if "densify" in s]
+        assert len(events) == 1
+        return events[0], trainer.model.num_points
+
+    kept, _ = first_event(0.05)      # the default bound
+    pruned, _ = first_event(1.0)     # no bound: every stray goes
+    assert kept["num_stray"] == pruned["num_stray"] > 0.2 * kept["num_before"]
+    # Every stray that no other rule prunes (some are also too large) survives with the bound, none without it.
+    saved = kept["num_after"] - pruned["num_after"]
+    assert 0.1 * kept["num_before"] < saved <= kept["num_stray"]
+    assert pruned["num_prune"] - kept["num_prune"] == saved
