@@ -268,6 +268,7 @@ def score_hard_scene(animated, folder: Path) -> tuple[dict, list]:
         "in_between_back_psnr": round(float(np.mean(between["back"])), 2),
         "floaters_pct": round(100.0 * floaters, 3), "visible_gaussians": int(visible.sum()),
         "farthest_visible_over_radius": round(float(dist.max()) if dist.size else 0.0, 2),
+        "floaters_pct_per_frame": [round(100.0 * float(x), 2) for x in (dist > 1.7).mean(1)] if dist.size else [],
         "picture_frames": {"hardest": hardest, "wide": worst_far},
     }
     return result, row
