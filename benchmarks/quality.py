@@ -1,5 +1,19 @@
 """Quality benchmark of the 4D fit.
 
+Hard set (issue 13; docs/quality.md): the six Blender-rendered ground-truth scenes of ``benchmarks/scenes/``
+(articulated character, squash-and-stretch ball, twisting/bending column, fast tumbling cube, whipping tail, fine
+texture), built and cached on first use. Each scene is fitted from its front view + the six anchor views (exact,
+or the noisy-anchors variant) and scored on 12 held-out views (back and elevated included) at 4 frames: PSNR,
+SSIM, mask IoU (images on white), the seen (front) view, the in-between times f + 0.5 (front and back), and the
+floaters figure (share of visible Gaussians farther than 1.7 x the object's bounding radius from its centre at
+any baked frame; stag4d_backend/metrics.py). One JSON line per scene and one for the mean.
+
+    .venv/bin/python benchmarks/quality.py --scene hard --variant exact --preset preview --json out.jsonl \
+        --picture hard.png --work /tmp/hard               # the whole set, fits kept under /tmp/hard
+    .venv/bin/python benchmarks/quality.py --scene hard --only ball --variant noisy     # one scene
+    .venv/bin/python benchmarks/quality.py --scene hard --work /tmp/hard --reuse-fits   # re-score kept fits
+    .venv/bin/python benchmarks/quality.py --table out.jsonl                            # Markdown table
+
 Synthetic scene: the procedural animated creature of ``stag4d_backend/example_scene.py`` (exact ground truth at
 any camera and time) is written in the STAG4D layout (front view + the six exact anchor views per frame), fitted
 with a preset, and compared with the ground truth on held-out views (azimuths and elevations not used in
@@ -17,7 +31,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +49,7 @@ from stag4d_backend.config import get_preset  # noqa: E402
 from stag4d_backend.dataset import load_frames  # noqa: E402
 from stag4d_backend.example_scene import ExampleCreature, render_frame, write_stag4d_layout  # noqa: E402
 from stag4d_backend.fitted import load_fitted  # noqa: E402
-from stag4d_backend.metrics import psnr, ssim  # noqa: E402
+from stag4d_backend.metrics import floater_fraction, mask_iou, psnr, ssim  # noqa: E402
 from stag4d_backend.render.view import render_view  # noqa: E402
 from stag4d_backend.render.cameras import OrbitCamera, anchor_cameras, front_camera, to_torch  # noqa: E402
 from stag4d_backend.stages.fit import fit  # noqa: E402
@@ -74,6 +90,18 @@ def _backend() -> str:
     return resolve_backend("auto", torch.device("cpu"), torch.float32)
 
 
+def creature_floaters(creature: ExampleCreature, animated, frames: int) -> float:
+    """The floaters figure (docs/quality.md) with the creature's true per-frame centre and bounding radius."""
+    centres, radii = [], []
+    for f in range(frames):
+        m = creature.at(f / frames).means.double().numpy()
+        c = (m.min(0) + m.max(0)) / 2.0
+        centres.append(c)
+        radii.append(float(np.linalg.norm(m - c, axis=1).max()))
+    means = np.stack([animated.at_frame(f).means.numpy() for f in range(frames)])
+    return floater_fraction(means, animated.at_frame(0).opacities.numpy(), np.stack(centres), np.array(radii))
+
+
 def synthetic(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="stag4d-quality-"))
     creature = ExampleCreature(args.gt_gaussians, seed=0)
@@ -109,6 +137,7 @@ def synthetic(args) -> dict:
         for cam in anchor_cameras(args.size):
             gt, _ = render_frame(fr, cam)
             train_anchor.append(psnr(render_fitted(animated, cam, f), gt))
+    floaters = creature_floaters(creature, animated, args.frames)
     if args.picture and pics:
         from PIL import Image
 
@@ -123,6 +152,7 @@ def synthetic(args) -> dict:
         "in_between_front_psnr": round(float(np.mean(between_p)), 2),
         "train_front_psnr": round(float(np.mean(train_front)), 2),
         "train_anchor_psnr": round(float(np.mean(train_anchor)), 2),
+        "floaters_pct": round(100.0 * floaters, 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "work_dir": str(work),
     }
@@ -153,9 +183,175 @@ def minions(args) -> dict:
     }
 
 
+# --- the hard set (benchmarks/scenes/) ------------------------------------------------------------------------------
+
+SCENES_BUILD = REPO / "benchmarks" / "scenes" / "build.py"
+PICTURE_VIEWS = ((0.0, 180.0), (20.0, 180.0), (45.0, 90.0))  # back, elevated back, elevated side
+
+
+def build_hard_set(names: list[str] | None, cache: str | None) -> dict[str, Path]:
+    """Render (or find cached) scenes in a separate process (bpy and torch stay apart); name -> folder."""
+    cmd = [sys.executable, str(SCENES_BUILD)] + (["--only", *names] if names else []) + (["--cache", cache] if cache else [])
+    print("building the hard set (cached after the first run):", " ".join(cmd), flush=True)
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    folders = {}
+    for line in out.splitlines():
+        parts = line.split(" ", 1)
+        if len(parts) == 2 and (Path(parts[1]) / "scene.json").is_file():
+            folders[parts[0]] = Path(parts[1])
+    return folders
+
+
+def read_rgba(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """An RGBA PNG -> (rgb composited on white [H, W, 3], alpha [H, W])."""
+    from PIL import Image
+
+    x = torch.from_numpy(np.asarray(Image.open(path).convert("RGBA"), dtype=np.float32) / 255.0)
+    a = x[..., 3]
+    return x[..., :3] * a[..., None] + (1.0 - a[..., None]), a
+
+
+def _render(animated, cam: OrbitCamera, frame: float):
+    res = render_view(animated.at_frame(frame, to_torch(cam.position)), cam)
+    return res.rgb, res.alpha
+
+
+def score_hard_scene(animated, folder: Path) -> tuple[dict, list]:
+    """Metrics of a fit against one scene's ground truth, and its picture row (list of [H, W, 3] tiles)."""
+    meta = json.loads((folder / "scene.json").read_text())
+    held = [OrbitCamera.from_dict(c) for c in meta["heldout_cameras"]]
+    per_frame, pairs = {}, {}
+    p_all, s_all, iou_all = [], [], []
+    for f in meta["heldout_frames"]:
+        ps = []
+        for v, cam in enumerate(held):
+            gt, gt_a = read_rgba(folder / "heldout" / str(f) / f"{v}.png")
+            pred, pred_a = _render(animated, cam, f)
+            ps.append(psnr(pred, gt))
+            s_all.append(ssim(pred, gt))
+            iou_all.append(mask_iou(pred_a.numpy(), gt_a.numpy()))
+            if (cam.elevation, cam.azimuth) in PICTURE_VIEWS:
+                pairs[(f, (cam.elevation, cam.azimuth))] = (gt, pred)
+        per_frame[f] = float(np.mean(ps))
+        p_all += ps
+    F = meta["frames"]
+    front = OrbitCamera.from_dict(meta["front_camera"])
+    seen_p, seen_iou = [], []
+    for f in range(F):
+        gt, gt_a = read_rgba(folder / "exact" / "ref" / f"{f}_rgba.png")
+        pred, pred_a = _render(animated, front, f)
+        seen_p.append(psnr(pred, gt))
+        seen_iou.append(mask_iou(pred_a.numpy(), gt_a.numpy()))
+    between = {"front": [], "back": []}
+    back = OrbitCamera.from_dict(meta["back_camera"])
+    for f in range(F - 1):
+        for side, cam in (("front", front), ("back", back)):
+            gt, _ = read_rgba(folder / "between" / f"{f}_{side}.png")
+            between[side].append(psnr(_render(animated, cam, f + 0.5)[0], gt))
+    means = np.stack([animated.at_frame(f).means.numpy() for f in range(F)])
+    opac = animated.at_frame(0).opacities.numpy()
+    bounds = np.asarray(meta["bounds_train"])
+    floaters = floater_fraction(means, opac, bounds[:, :3], bounds[:, 3])
+    visible = opac > 0.05
+    dist = np.linalg.norm(means[:, visible] - bounds[:, None, :3], axis=-1) / bounds[:, None, 3]
+    hardest = min(per_frame, key=per_frame.get)
+    row = [t for view in PICTURE_VIEWS for t in pairs[(hardest, view)]]
+    wide = OrbitCamera.from_dict(meta["wide_camera"])
+    worst_far = max(meta["heldout_frames"], key=lambda f: float(dist[f].max()) if dist.size else 0.0)
+    row += [read_rgba(folder / "wide" / f"{worst_far}.png")[0], _render(animated, wide, worst_far)[0]]
+    result = {
+        "held_out_psnr": round(float(np.mean(p_all)), 2), "held_out_ssim": round(float(np.mean(s_all)), 4),
+        "held_out_iou": round(float(np.mean(iou_all)), 4),
+        "held_out_psnr_per_frame": {str(f): round(p, 2) for f, p in per_frame.items()},
+        "seen_psnr": round(float(np.mean(seen_p)), 2), "seen_iou": round(float(np.mean(seen_iou)), 4),
+        "in_between_front_psnr": round(float(np.mean(between["front"])), 2),
+        "in_between_back_psnr": round(float(np.mean(between["back"])), 2),
+        "floaters_pct": round(100.0 * floaters, 3), "visible_gaussians": int(visible.sum()),
+        "farthest_visible_over_radius": round(float(dist.max()) if dist.size else 0.0, 2),
+        "floaters_pct_per_frame": [round(100.0 * float(x), 2) for x in (dist > 1.7).mean(1)] if dist.size else [],
+        "picture_frames": {"hardest": hardest, "wide": worst_far},
+    }
+    return result, row
+
+
+def hard(args) -> list[dict]:
+    folders = build_hard_set(args.only, args.cache)
+    work = Path(args.work or tempfile.mkdtemp(prefix="stag4d-hard-"))
+    variants = ["exact", "noisy"] if args.variant == "both" else [args.variant]
+    results, rows = [], []
+    for variant in variants:
+        for name, folder in folders.items():
+            fit_dir = work / f"{name}-{variant}"
+            print(f"{name} ({variant}): {folder}", flush=True)
+            wall, steps, cfg_iters, gaussians = None, None, None, None
+            if not (args.reuse_fits and (fit_dir / "meta.json").is_file()):
+                outcome, wall, cfg = _fit(folder / variant, fit_dir, args.preset, args.iters, threads=args.threads,
+                                          max_minutes=args.max_minutes)
+                steps, cfg_iters, gaussians = outcome.iterations, cfg.iters, outcome.num_gaussians
+            animated, _ = load_fitted(fit_dir)
+            scores, row = score_hard_scene(animated, folder)
+            rows.append(row)
+            r = {"scene": name, "variant": variant, "preset": args.preset, "iters": cfg_iters, "steps_done": steps,
+                 "fit_wall_s": None if wall is None else round(wall, 1), "num_gaussians": gaussians,
+                 "load_avg_1m": round(os.getloadavg()[0], 2), **scores, "fit_dir": str(fit_dir)}
+            print(json.dumps(r), flush=True)
+            results.append(r)
+            if args.json:
+                with open(args.json, "a") as fh:
+                    fh.write(json.dumps(r) + "\n")
+        keys = ("held_out_psnr", "held_out_ssim", "held_out_iou", "seen_psnr", "in_between_front_psnr",
+                "in_between_back_psnr", "floaters_pct")
+        done = [r for r in results if r["variant"] == variant]
+        mean = {"scene": "mean", "variant": variant, "preset": args.preset, "scenes": len(done),
+                **{k: round(float(np.mean([r[k] for r in done])), 4 if "ssim" in k or "iou" in k else 2)
+                   for k in keys},
+                "min_held_out_psnr": min(r["held_out_psnr"] for r in done),
+                "max_floaters_pct": max(r["floaters_pct"] for r in done)}
+        print(json.dumps(mean), flush=True)
+        results.append(mean)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(mean) + "\n")
+    if args.picture and rows:
+        from PIL import Image
+
+        sheet = np.concatenate([np.concatenate([t.numpy() for t in row], 1) for row in rows], 0)
+        Image.fromarray((sheet * 255 + 0.5).clip(0, 255).astype(np.uint8)).save(args.picture)
+        print(f"picture (per scene: ground truth | render at back, elevated back, elevated side at the hardest "
+              f"held-out frame, then the wide camera) -> {args.picture}")
+    return results
+
+
+def markdown_table(jsonl: Path) -> str:
+    """The hard-set lines of a ``--json`` file as a Markdown table (one row per scene and variant, then means)."""
+    rows = [json.loads(ln) for ln in Path(jsonl).read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "variant" in r and r["scene"] != "mean"]
+    cols = ("held_out_psnr", "held_out_ssim", "held_out_iou", "seen_psnr", "in_between_front_psnr",
+            "in_between_back_psnr", "floaters_pct", "farthest_visible_over_radius", "steps_done", "fit_wall_s",
+            "num_gaussians", "load_avg_1m")
+    out = ["| scene | variant | held-out PSNR | SSIM | IoU | seen PSNR | in-between front / back | floaters % | "
+           "farthest / r | steps | fit s | Gaussians | load |", "|---|---|" + "---:|" * 11]
+    for r in rows:
+        v = [r.get(c) for c in cols]
+        out.append(f"| {r['scene']} | {r['variant']} | {v[0]} | {v[1]} | {v[2]} | {v[3]} | {v[4]} / {v[5]} | {v[6]} | "
+                   f"{v[7]} | {v[8]} | {v[9]} | {v[10]} | {v[11]} |")
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        sel = [r for r in rows if r["variant"] == variant]
+        m = {c: float(np.mean([r[c] for r in sel])) for c in cols[:8]}
+        out.append(f"| **mean of {len(sel)}** | {variant} | **{m['held_out_psnr']:.2f}** | {m['held_out_ssim']:.4f} | "
+                   f"{m['held_out_iou']:.4f} | {m['seen_psnr']:.2f} | {m['in_between_front_psnr']:.2f} / "
+                   f"{m['in_between_back_psnr']:.2f} | **{m['floaters_pct']:.3f}** (max "
+                   f"{max(r['floaters_pct'] for r in sel)}) | | | | | |")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scene", choices=["synthetic", "minions"], default="synthetic")
+    p.add_argument("--scene", choices=["synthetic", "minions", "hard"], default="synthetic")
+    p.add_argument("--only", nargs="+", help="hard: these scenes only (default: all six)")
+    p.add_argument("--variant", choices=["exact", "noisy", "both"], default="exact", help="hard: anchors to fit")
+    p.add_argument("--cache", help="hard: scene cache folder (default $STAG4D_SCENES_CACHE or ~/.cache/stag4d/scenes)")
+    p.add_argument("--reuse-fits", action="store_true", help="hard: score fits already in --work, fit the rest")
     p.add_argument("--preset", default="preview")
     p.add_argument("--iters", type=int, help="override the preset's iterations")
     p.add_argument("--frames", type=int, default=16, help="synthetic: frames; minions: first N frames (0 = all)")
@@ -168,7 +364,14 @@ def main() -> None:
     p.add_argument("--work", help="working directory (default: a new temporary one)")
     p.add_argument("--picture", help="PNG of ground truth beside render (synthetic)")
     p.add_argument("--json", help="append the result as one JSON line to this file")
+    p.add_argument("--table", help="print the hard-set lines of this --json file as a Markdown table and exit")
     args = p.parse_args()
+    if args.table:
+        print(markdown_table(Path(args.table)))
+        return
+    if args.scene == "hard":
+        hard(args)
+        return
     result = synthetic(args) if args.scene == "synthetic" else minions(args)
     print(json.dumps(result, indent=2))
     if args.json:

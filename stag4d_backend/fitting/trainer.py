@@ -26,6 +26,7 @@ from ..gaussians.schedules import log_linear_lr
 from ..guidance.base import ScoreDistillation
 from ..render import rasterize
 from ..render.cameras import OrbitCamera, anchor_cameras, to_torch
+from .in_view import TrainingViews, dilate_mask
 from .views import choose_conditioning, sample_random_view
 
 WHITE = (1.0, 1.0, 1.0)
@@ -67,6 +68,12 @@ class Trainer:
                                     self.device)
         self.anchors = [_CameraTensors(c, self.device) for c in anchor_cameras(
             cfg.anchor_resolution, cfg.anchor_radius or cfg.radius, cfg.fovy, cfg.input_elevation)]
+        self.training_views = TrainingViews.for_fit(cfg.radius, cfg.fovy, cfg.input_elevation, cfg.anchor_radius,
+                                                    self.device)
+        # The silhouette check uses the views that have a matte: the front, and the anchors when present.
+        self.silhouette_views = self.training_views if data.has_anchors else TrainingViews(
+            [self.front.camera], self.device)
+        self._grown_masks = None
 
         init_gen = torch.Generator().manual_seed(cfg.seed)
         self.model = GaussianModel.init_random_ball(cfg.num_pts, cfg.init_radius, generator=init_gen,
@@ -147,6 +154,10 @@ class Trainer:
             total = total + ramp * (cfg.lambda_rgb * l_rgb + cfg.lambda_alpha * l_alpha)
             terms["ref_rgb"] += l_rgb.item()
             terms["ref_alpha"] += l_alpha.item()
+            if cfg.lambda_in_view > 0:
+                l_in_view = self.training_views.loss(g.means)
+                total = total + cfg.lambda_in_view * l_in_view
+                terms["in_view"] += l_in_view.item()
 
             if self.use_anchors:
                 ks = torch.randperm(6, generator=self.generator)[: cfg.anchors_per_step].tolist()
@@ -195,9 +206,13 @@ class Trainer:
                                  else torch.zeros(n, 2, device=self.device) for r in renders])
             visible = torch.stack([r.radii > 0 for r in renders])
             sizes = [(r.rgb.shape[1], r.rgb.shape[0]) for r in renders]
-            event = self.strategy.step_post_backward(
-                self.model.params, self.optimizer, self.densify_state, it,
-                info={"grad2d": grads, "visible": visible, "image_sizes": sizes})
+            info = {"grad2d": grads, "visible": visible, "image_sizes": sizes}
+            if cfg.stray_min_views > 0 and self.strategy.is_event_step(it):
+                stray = info["stray"] = self.stray_gaussians()
+                info["prune_stray"] = (it >= cfg.stray_prune_from * cfg.iters
+                                       and int(stray.sum()) <= cfg.stray_prune_max_fraction * stray.numel())
+            event = self.strategy.step_post_backward(self.model.params, self.optimizer, self.densify_state, it,
+                                                     info=info)
 
         self.it = it
         stats = {k: v / cfg.batch_size if k != "reg" else v for k, v in terms.items()}
@@ -207,6 +222,22 @@ class Trainer:
         if event is not None:
             stats["densify"] = event
         return stats
+
+    @torch.no_grad()
+    def stray_gaussians(self) -> torch.Tensor:
+        """[N] bool: at some frame, off the object's silhouette in at least ``stray_min_views`` training views
+        (centre outside the image or on background beyond the margin). The data explains no such Gaussian there."""
+        if self._grown_masks is None:  # the mattes grown by the margin, once (bool: small)
+            m = self.cfg.silhouette_margin
+            self._grown_masks = [[dilate_mask(self.ref_mask[f], m) > 0.5] + (
+                [dilate_mask(self.anchor_mask[f, k], m) > 0.5 for k in range(self.anchor_mask.shape[1])]
+                if self.data.has_anchors else []) for f in range(self.num_frames)]
+        stray = torch.zeros(self.model.num_points, dtype=torch.bool, device=self.device)
+        for f in range(self.num_frames):
+            means = self.gaussians_at(f / self.num_frames).means
+            off = self.silhouette_views.off_silhouette(means, self._grown_masks[f], margin=0.0)
+            stray |= off >= self.cfg.stray_min_views
+        return stray
 
     # ------------------------------------------------------------------------------------------- state
 

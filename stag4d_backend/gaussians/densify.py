@@ -246,13 +246,16 @@ class AdaptiveDensification:
         """Accumulate ``info``'s gradients (if given and in the window), then densify + prune on event steps.
 
         ``info`` keys: ``grad2d`` ([N, 2] or [R, N, 2]), ``visible`` ([N] or [R, N] bool), optional
-        ``image_sizes``. Returns the event summary on event steps, else None.
+        ``image_sizes`` and ``stray`` (see ``densify_and_prune``). Returns the event summary on event steps,
+        else None.
         """
         if info is not None and info.get("grad2d") is not None and self.is_stats_step(step):
             self.accumulate(state, info["grad2d"], info["visible"], info.get("image_sizes"))
         if not self.is_event_step(step):
             return None
-        summary = self.densify_and_prune(params, optimizers, state, extras=extras)
+        stray = info.get("stray") if info is not None else None
+        summary = self.densify_and_prune(params, optimizers, state, extras=extras, stray=stray,
+                                         prune_stray=bool(info.get("prune_stray", True)) if info else True)
         summary["step"] = int(step)
         return summary
 
@@ -265,8 +268,14 @@ class AdaptiveDensification:
         optimizers: Optional[OptimizerLike],
         state: Dict[str, Any],
         extras: Optional[MutableMapping[str, torch.Tensor]] = None,
+        stray: Optional[torch.Tensor] = None,
+        prune_stray: bool = True,
     ) -> Dict[str, Any]:
-        """One event: clone, then split (clones have g = 0), then prune; statistics reset. Returns counts."""
+        """One event: clone, then split (clones have g = 0), then prune; statistics reset. Returns counts.
+
+        ``stray`` ([N] bool, optional; not in the authors' method): Gaussians the caller found unexplained by
+        the data (off the object's silhouettes at some frame). They are neither cloned nor split (a copy would
+        inherit the same stray offset) and, with ``prune_stray``, pruned."""
         self.check_sanity(params)
         xyz = params[self.xyz_key]
         n0 = xyz.shape[0]
@@ -280,16 +289,20 @@ class AdaptiveDensification:
         capped = self.max_gaussians is not None and self.max_gaussians > 0 and n0 >= self.max_gaussians
         densify = tau is not None and not capped
         limit = self.percent_dense * self.scene_extent
+        if stray is None:
+            stray = torch.zeros(n0, dtype=torch.bool, device=device)
+        stray = stray.to(device=device, dtype=torch.bool)
         if densify:
             max_scale = torch.exp(params[self.scaling_key]).max(dim=1).values
-            clone_mask = (g >= tau) & (max_scale <= limit)
+            clone_mask = (g >= tau) & (max_scale <= limit) & ~stray
             n_clone = int(clone_mask.sum())
             if n_clone:
                 self._clone(params, optimizers, extras, clone_mask)
             n1 = params[self.xyz_key].shape[0]
+            stray = torch.cat([stray, stray.new_zeros(n1 - n0)])
             g_pad = torch.cat([g, g.new_zeros(n1 - n0)])
             max_scale = torch.exp(params[self.scaling_key]).max(dim=1).values
-            split_mask = (g_pad >= tau) & (max_scale > limit)
+            split_mask = (g_pad >= tau) & (max_scale > limit) & ~stray
             n_split = int(split_mask.sum())
             if n_split:
                 generator = None
@@ -297,10 +310,14 @@ class AdaptiveDensification:
                     generator = torch.Generator()
                     generator.set_state(state["rng_state"])
                 self._split(params, optimizers, extras, split_mask, generator)
+                stray = torch.cat([stray[~split_mask], stray.new_zeros(self.split_n * n_split)])
                 if generator is not None:
                     state["rng_state"] = generator.get_state()
         n_before_prune = params[self.xyz_key].shape[0]
         prune_mask = self.prune_mask(params)
+        n_stray = int(stray.sum())
+        if prune_stray:
+            prune_mask |= stray
         n_candidates = int(prune_mask.sum())
         prune_mask = self._guard_prune(params, prune_mask)
         n_prune = int(prune_mask.sum())
@@ -316,6 +333,7 @@ class AdaptiveDensification:
             "num_split": n_split,
             "num_prune": n_prune,
             "num_prune_candidates": n_candidates,
+            "num_stray": n_stray,
             "num_after_densify": n_before_prune,
             "num_after": n_final,
         }

@@ -87,6 +87,7 @@ class BakeResult:
     mesh: dict | None = None           # vertices, faces, level, voxel size, component stats
     notes: tuple[str, ...] = ()
     removed: tuple[Path, ...] = ()     # stale outputs deleted
+    out_of_view: dict | None = None    # the reported stray-Gaussian check (_out_of_view_check)
 
     @property
     def paths(self) -> list[Path]:
@@ -95,6 +96,8 @@ class BakeResult:
 
     def summary(self) -> str:
         parts = [f"{self.num_frames} frames at {self.fps:g} fps", f"{self.num_gaussians} Gaussians"]
+        if self.out_of_view is not None:
+            parts.append(f"{self.out_of_view['count']} outside every training view at some frame")
         return f"baked {', '.join(self.formats)} ({'; '.join(parts)}) in {self.elapsed_s:.1f} s -> {self.bake_dir}"
 
 
@@ -276,11 +279,30 @@ def bake(fit_dir: str | Path, bake_dir: str | Path, formats: str | Iterable[str]
         files["cameras"] = [path]
         emit("wrote cameras.json", [path])
 
+        out_of_view = _out_of_view_check(animated, frame_values, meta)
     written, removed = _write_manifest(bake_dir, fit_dir, files, frame_values, src_frames, out_fps, fps_source,
-                                       animated, mesh_info, timings, notes)
+                                       animated, mesh_info, timings, notes, out_of_view)
     elapsed = time.perf_counter() - t_start
     return BakeResult(bake_dir, written, T, out_fps, fps_source, n_gauss, files, timings, elapsed, mesh_info,
-                      tuple(notes), tuple(removed))
+                      tuple(notes), tuple(removed), out_of_view)
+
+
+def _out_of_view_check(animated, frame_values, meta: dict) -> dict:
+    """How many visible Gaussians (opacity > 0.05) are outside the image of every training view (the front and
+    the six anchor poses) at some baked frame: stray splats no input constrains. Reported in bake.json and the
+    CLI; nothing is moved or removed."""
+    from ..export.frames import deform_points
+    from ..fitting.in_view import VISIBLE_OPACITY, TrainingViews, count_out_of_view
+
+    cfg = meta.get("config") or {}
+    views = TrainingViews.for_fit(float(cfg.get("radius", 2.0)), float(cfg.get("fovy", 49.1)),
+                                  float(cfg.get("input_elevation", 0.0)), float(cfg.get("anchor_radius", 0.0)))
+    xyz = animated.model.params["xyz"].detach().float().cpu().numpy()
+    times = np.asarray(frame_values, dtype=np.float64) / animated.num_frames
+    positions = torch.from_numpy(deform_points(animated.deformation, xyz, times))
+    opacity = torch.sigmoid(animated.model.params["opacity"].detach().float().cpu())
+    return dict(count_out_of_view(views, positions, opacity),
+                rule=f"opacity > {VISIBLE_OPACITY} and outside the image of every training view at some frame")
 
 
 def _bake_mesh(animated, frame_values, path: Path, fps: float, custom: dict, resolution: int, motion: str):
@@ -354,7 +376,8 @@ def _write_sequence_formats(formats, sampled, animated, bake_dir: Path, out_fps:
 
 
 def _write_manifest(bake_dir: Path, fit_dir: Path, files: dict, frame_values, src_frames: int, out_fps: float,
-                    fps_source: str, animated, mesh_info, timings: dict, notes: list) -> tuple[tuple, list]:
+                    fps_source: str, animated, mesh_info, timings: dict, notes: list,
+                    out_of_view: dict | None = None) -> tuple[tuple, list]:
     """bake.json: this run's formats, plus earlier outputs that still match this fit / frames / fps (stale ones
     are removed and noted). Returns the formats written now and the paths removed."""
     T = len(frame_values)
@@ -383,7 +406,8 @@ def _write_manifest(bake_dir: Path, fit_dir: Path, files: dict, frame_values, sr
         "num_frames": T, "fps": out_fps, "fps_source": fps_source, "source_num_frames": src_frames,
         "frame_values": [float(v) for v in frame_values], "times": [float(v / src_frames) for v in frame_values],
         "num_gaussians": n_gauss, "sh_degree": int(animated.model.sh_degree), "up_axis": "Y",
-        "meters_per_unit": 1.0, "mesh": mesh_info, "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "meters_per_unit": 1.0, "mesh": mesh_info, "out_of_view": out_of_view,
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "formats": entries,
     })
     return written, removed
