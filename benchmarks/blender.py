@@ -114,12 +114,35 @@ def render_blender(scene, orbit, frame: int, out_png: Path, engine: str = "CYCLE
     return np.array(Image.open(out_png).convert("RGBA"))
 
 
+def model_dir(job_dir: Path) -> Path:
+    """A job folder's model/ or, for a fit output folder (``stag4d fit -o DIR`` then ``stag4d bake DIR``), itself."""
+    return job_dir / "model" if (job_dir / "model").is_dir() else job_dir
+
+
 def backend_render(job_dir: Path, orbit, frame: int) -> np.ndarray:
     from stag4d_backend.fitted import load_fitted
     from stag4d_backend.export.turntable import render_rgba
 
-    animated, _ = load_fitted(job_dir / "model")
+    animated, _ = load_fitted(model_dir(job_dir))
     return render_rgba(animated, orbit, frame)
+
+
+def fidelity(ref: np.ndarray, img: np.ndarray) -> dict:
+    """The issue's comparison of two straight RGBA uint8 images: PSNR of the two composited on white (all
+    pixels, peak 255), mean |rgb| difference of the straight colours where both alphas exceed 0.5 ("inside the
+    silhouette", 0..255), and the IoU of those alpha > 0.5 silhouettes."""
+    a, b = ref[..., 3] > 127, img[..., 3] > 127
+    both = a & b
+    iou = float(both.sum() / max(1, (a | b).sum()))
+    rgb_diff = float(np.abs(ref[..., :3].astype(int) - img[..., :3].astype(int))[both].mean()) if both.any() else 255.0
+
+    def white(x):
+        al = x[..., 3:4].astype(np.float64) / 255.0
+        return x[..., :3].astype(np.float64) * al + 255.0 * (1.0 - al)
+
+    mse = float(np.mean((white(ref) - white(img)) ** 2))
+    psnr = 10.0 * math.log10(255.0 ** 2 / mse) if mse > 0 else float("inf")
+    return {"psnr_white": psnr, "rgb_diff": rgb_diff, "iou": iou}
 
 
 def _on_white(rgba: np.ndarray) -> np.ndarray:
@@ -142,16 +165,12 @@ def render_and_compare(job_dir: Path, scene, frame: int = 0, size: int = 128, sa
     t0 = time.perf_counter()
     img = render_blender(scene, orbit, frame, tmp, engine=engine, samples=samples)
     render_s = time.perf_counter() - t0
-    a, b = ref[..., 3] > 127, img[..., 3] > 127
-    both = a & b
-    iou = float(both.sum() / max(1, (a | b).sum()))
-    rgb_diff = float(np.abs(ref[..., :3].astype(int) - img[..., :3].astype(int))[both].mean()) if both.any() else 255.0
     if out_png is not None:
         diff = np.abs(ref[..., 3].astype(int) - img[..., 3].astype(int)).astype(np.uint8)
         sheet = np.concatenate([_on_white(ref), _on_white(img), np.repeat(255 - diff[..., None], 3, -1)], 1)
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(sheet).save(out_png)
-    return {"iou": iou, "rgb_diff": rgb_diff, "coverage": float(b.mean()), "render_s": render_s,
+    return {**fidelity(ref, img), "coverage": float((img[..., 3] > 127).mean()), "render_s": render_s,
             "backend": ref, "blender": img}
 
 
@@ -268,6 +287,147 @@ def pictures(out_dir: Path, work: Path, eevee: bool) -> None:
         lines.append(f"EEVEE frame 5: IoU {res['iou']:.3f}, mean |rgb| {res['rgb_diff']:.1f}, "
                      f"{res['render_s']:.0f} s (software OpenGL here)")
     print("\n".join(lines))
+
+
+VIEWS = ((0, 0.0, 0.0), (5, 15.0, 40.0), (10, 20.0, -120.0))  # (frame, elevation, azimuth)
+# The causes of the difference, switched on one after the other from the add-on as it was (main, before issue 19):
+# each step's PSNR gain is that cause's share. The last row's remaining error is the ordering / projection
+# difference between ray-traced ellipsoids and the rasteriser (and what is left of the others).
+CAUSE_STEPS = (
+    ("main: linear emission, cap 0.99, 128 transparent bounces, Russian roulette, 1.5 px filter", {}),
+    ("+ transparent bounce limit 1024", {"bounces": 1024}),
+    ("+ no Russian roulette on transparent bounces", {"rr": False}),
+    ("+ pixel-centre sampling (filter 0.01 px), as the rasteriser", {"filter": 0.01}),
+    ("+ alpha cap 0.999, as the rasteriser", {"cap": 0.999}),
+    ("+ display-space blending (sRGB emission, compositor decode)", {"display": True}),
+)
+MAIN_LOOK = {"bounces": 128, "rr": True, "filter": 1.5, "cap": 0.99, "display": False, "blur": True}
+
+
+def apply_look(scene, obj, look: dict) -> None:
+    """Set the render and material settings a cause step names (the rest as on main)."""
+    from blender_addon import splat_nodes
+
+    cyc = scene.cycles
+    cyc.transparent_max_bounces = look["bounces"]
+    cyc.min_transparent_bounces = 0 if look["rr"] else look["bounces"]
+    cyc.filter_width = look["filter"]
+    mat = bpy_data().materials[splat_nodes.SPLAT_MATERIAL]
+    for n in mat.node_tree.nodes:
+        if n.bl_idname == "ShaderNodeMath" and n.operation == "MINIMUM":
+            n.inputs[1].default_value = look["cap"]
+    splat_nodes.set_display_space_blending(scene, look["display"])
+    if not look.get("blur", True):
+        obj.modifiers[splat_nodes.MODIFIER_NAME].driver_remove(
+            f'["{splat_nodes._input_id(obj.modifiers[splat_nodes.MODIFIER_NAME].node_group, "Pixel Angle")}"]')
+        splat_nodes.set_modifier_input(obj, "Pixel Angle", 0.0)
+
+
+def bpy_data():
+    import bpy
+
+    return bpy.data
+
+
+def causes(job: Path, work: Path, size: int, samples: int, out_dir: Path | None) -> list[dict]:
+    """PSNR on white / colour difference / IoU of each cause step at every view (see CAUSE_STEPS)."""
+    bpy = _bpy()
+    from PIL import Image
+
+    rows = []
+    for label, change in CAUSE_STEPS:
+        look = dict(MAIN_LOOK)
+        for _, c in CAUSE_STEPS[: [lbl for lbl, _ in CAUSE_STEPS].index(label) + 1]:
+            look.update(c)
+        for frame, el, az in VIEWS:
+            clean(bpy)
+            ensure_camera(bpy.context.scene)
+            bpy.ops.stag4d.import_job(directory=str(job))
+            scene = bpy.context.scene
+            apply_look(scene, scene.stag4d.jobs[0].gaussians, look)
+            png = work / f"cause_{CAUSE_STEPS.index((label, change))}_{frame}.png"
+            res = render_and_compare(job, scene, frame, size, samples, el, az, png)
+            rows.append({"step": label, "frame": frame, "elevation": el, "azimuth": az,
+                         **{k: res[k] for k in ("psnr_white", "rgb_diff", "iou", "render_s")}})
+            print(f"{label} | frame {frame} el {el} az {az} | PSNR {res['psnr_white']:.2f} dB | "
+                  f"|rgb| {res['rgb_diff']:.1f} | IoU {res['iou']:.3f} | {res['render_s']:.1f} s", flush=True)
+    return rows
+
+
+def _straight_uint8(rgb_premul, alpha) -> np.ndarray:
+    a = np.clip(alpha, 0.0, 1.0)
+    rgb = np.where(a[..., None] > 1e-6, rgb_premul / np.maximum(a, 1e-6)[..., None], 0.0)
+    return (np.concatenate([np.clip(rgb, 0, 1), a[..., None]], -1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _blackman_harris_weights(width_px: float, factor: int) -> np.ndarray:
+    """Cycles' pixel filter (Blackman-Harris over [-width/2, width/2]) sampled at ``factor`` sub-pixels per pixel."""
+    n = max(1, int(round(width_px * factor)))
+    x = (np.arange(n) + 0.5) / n  # 0..1 over the filter's support
+    w = 0.35875 - 0.48829 * np.cos(2 * np.pi * x) + 0.14128 * np.cos(4 * np.pi * x) - 0.01168 * np.cos(6 * np.pi * x)
+    return w / w.sum()
+
+
+def simulated_causes(job: Path, size: int, views=VIEWS) -> list[dict]:
+    """The causes the backend's own rasteriser can reproduce in isolation, each alone against the reference render
+    (same camera, frame, resolution): blending in linear light instead of sRGB values; Cycles' 1.5 px
+    Blackman-Harris pixel filter instead of one sample at the pixel centre (rendered at 4x and filtered); the
+    0.3 px^2 blur applied as an isotropic 3D variance (the node group's way) instead of in screen space; the 0.99
+    alpha cap of the old material. No Blender involved: a pure measure of each cause's share."""
+    import torch
+
+    from stag4d_backend.export.frames import srgb_to_linear
+    from stag4d_backend.fitted import load_fitted
+    from stag4d_backend.render import composite_torch
+    from stag4d_backend.render.cameras import OrbitCamera, to_torch
+    from stag4d_backend.render.rasterize import rasterize
+
+    animated, _ = load_fitted(model_dir(job))
+    rows = []
+    for frame, el, az in views:
+        orbit = OrbitCamera(elevation=el, azimuth=az, size=size)
+        g = animated.at_frame(frame, to_torch(orbit.position))
+
+        def render(colors=None, scales=None, eps2d=0.3, scale=1, backend="auto"):
+            K = orbit.K.copy()
+            K[:2] *= scale
+            res = rasterize(g.means, g.quats, g.scales if scales is None else scales, g.opacities,
+                            g.colors if colors is None else colors, to_torch(orbit.viewmat), to_torch(K),
+                            size * scale, size * scale, (0.0, 0.0, 0.0), eps2d=eps2d, backend=backend)
+            return res.rgb.numpy().astype(np.float64), res.alpha.numpy().astype(np.float64)
+
+        ref = _straight_uint8(*render())
+        out = {}
+        lin = torch.as_tensor(srgb_to_linear(g.colors.numpy()))
+        rgb, a = render(colors=lin)
+        straight = np.where(a[..., None] > 1e-6, rgb / np.maximum(a, 1e-6)[..., None], 0.0)
+        enc = np.where(straight <= 0.0031308, 12.92 * straight, 1.055 * np.power(np.clip(straight, 0, None), 1 / 2.4)
+                       - 0.055)
+        out["linear-light blending"] = _straight_uint8(enc * a[..., None], a)
+        f = 4  # Cycles' default pixel filter: 4x supersampled, Blackman-Harris 1.5 px, separable
+        rgb, a = render(eps2d=0.3 * f * f, scale=f)
+        w = _blackman_harris_weights(1.5, f)
+        prem = np.concatenate([rgb, a[..., None]], -1)
+        pad = len(w) // 2
+        for axis in (0, 1):
+            prem = np.apply_along_axis(lambda v: np.convolve(np.pad(v, pad, mode="edge"), w, mode="valid"), axis,
+                                       prem)
+        centre = np.arange(size) * f + f // 2
+        prem = prem[: size * f, : size * f][np.ix_(centre, centre)] if prem.shape[0] >= size * f else prem
+        out["1.5 px pixel filter"] = _straight_uint8(prem[..., :3], prem[..., 3])
+        pixel_angle = 2.0 * math.tan(math.radians(orbit.fovy) / 2.0) / size
+        dist = torch.linalg.norm(g.means - to_torch(orbit.position), dim=-1, keepdim=True)
+        blurred = torch.sqrt(g.scales ** 2 + 0.3 * (pixel_angle * dist) ** 2)
+        out["0.3 px blur as 3D variance"] = _straight_uint8(*render(scales=blurred, eps2d=0.0))
+        saved = composite_torch.MAX_ALPHA
+        composite_torch.MAX_ALPHA = 0.99
+        try:
+            out["alpha cap 0.99"] = _straight_uint8(*render(backend="torch"))
+        finally:
+            composite_torch.MAX_ALPHA = saved
+        for name, img in out.items():
+            rows.append({"cause": name, "frame": frame, "elevation": el, "azimuth": az, **fidelity(ref, img)})
+    return rows
 
 
 def main() -> None:

@@ -50,6 +50,11 @@ class STAG4D_AddonPreferences(bpy.types.AddonPreferences):
         name="Standard View Transform", default=True,
         description="On import, set the scene's view transform to Standard so splat colours match the backend's "
                     "renders (AgX and Filmic desaturate them)")
+    backend_blending: BoolProperty(
+        name="Blend Like the Backend", default=True,
+        description="On import, blend overlapping splats in sRGB values as the backend's rasteriser does (sRGB "
+                    "emission and the Raw view transform): the render matches the backend's; other lit objects "
+                    "in the scene then show linear colours (switch it off in the panel for mixed scenes)")
 
     def draw(self, context):
         layout = self.layout
@@ -64,6 +69,7 @@ class STAG4D_AddonPreferences(bpy.types.AddonPreferences):
         layout.prop(self, "results_dir")
         layout.prop(self, "live_preview")
         layout.prop(self, "standard_colors")
+        layout.prop(self, "backend_blending")
 
 
 class _Defaults:
@@ -78,6 +84,7 @@ class _Defaults:
     results_dir = DEFAULT_RESULTS
     live_preview = True
     standard_colors = True
+    backend_blending = True
 
 
 _FALLBACK = _Defaults()

@@ -47,6 +47,12 @@ class STAG4D_JobItem(bpy.types.PropertyGroup):
     mesh: PointerProperty(type=bpy.types.Object)
 
 
+def _backend_blending_update(self, context):
+    from . import splat_nodes
+
+    splat_nodes.set_display_space_blending(self.id_data, self.backend_blending)
+
+
 class STAG4D_SceneSettings(bpy.types.PropertyGroup):
     input_kind: EnumProperty(name="Input", items=INPUT_KINDS, default="VIDEO")
     video_path: StringProperty(name="Video", subtype="FILE_PATH")
@@ -74,6 +80,10 @@ class STAG4D_SceneSettings(bpy.types.PropertyGroup):
                                         "glTF export")
     bake_spz: BoolProperty(name="SPZ", default=False,
                            description="Also bake an .spz per frame (Niantic SPZ, for web viewers) for the SPZ export")
+    backend_blending: BoolProperty(
+        name="Blend Like the Backend", default=False, update=_backend_blending_update,
+        description="Blend overlapping splats in sRGB values as the backend's rasteriser does (sRGB emission, "
+                    "Raw view transform). Off: linear-light blending, the scene's own view transform")
     jobs: CollectionProperty(type=STAG4D_JobItem)
     active_job: IntProperty(name="Job", default=0, min=0)
     status: StringProperty(description="Backend status line (not tied to one job)")

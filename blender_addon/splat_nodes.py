@@ -32,7 +32,8 @@ SPLAT_MATERIAL = "STAG4D splat"
 POINTS_MATERIAL = "STAG4D points"
 # Bump when the node graph changes: an older group in a saved .blend is rebuilt instead of reused.
 # 3: the square root of the scales per component (Math nodes), which Blender 4.2 has, instead of Vector Math POWER.
-VERSION = 3
+# 4: the alpha cap 0.999 (the rasteriser's), the display-space colour switch in the splat material.
+VERSION = 4
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
 DEFAULT_DETAIL = 2          # ico sphere subdivisions: 80 triangles per Gaussian
@@ -41,6 +42,11 @@ DEFAULT_DETAIL = 2          # ico sphere subdivisions: 80 triangles per Gaussian
 # radius and would clip the Gaussians' tails, thinning sparse silhouettes).
 ICO_INRADIUS = (0.7946, 0.9342, 0.9822, 0.9955)
 DEFAULT_MIN_OPACITY = 1.0 / 255.0
+MAX_ALPHA = 0.999           # the rasteriser's cap on one Gaussian's alpha
+# The splat material's switch between linear emission (blends in linear light, like any Blender material) and
+# sRGB-encoded emission (with the scene's display-space blending set-up: blends the sRGB values the way the
+# backend's rasteriser does; see set_display_space_blending).
+DISPLAY_SPACE_NODE = "stag4d display space"
 # The backend's rasteriser (gsplat "classic") adds 0.3 px^2 to every projected covariance: thin Gaussians show at
 # least about half a pixel wide. Adding the same variance isotropically in 3D, sigma_d = sqrt(0.3) x (the angle of
 # one pixel) x (distance to the camera), gives the same blur (an isotropic term commutes with the rotation, so the
@@ -118,7 +124,7 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     color.location = (-400, 450)
 
     alpha = _math(nodes, "MULTIPLY", 0, 0, gauss, opacity.outputs["Fac"], links=links)
-    alpha = _math(nodes, "MINIMUM", 150, 0, alpha, 0.99, links=links)
+    alpha = _math(nodes, "MINIMUM", 150, 0, alpha, MAX_ALPHA, links=links)
     # Below 1/255 the backend drops the Gaussian's contribution; doing the same keeps the silhouettes equal.
     keep = _math(nodes, "GREATER_THAN", 150, -150, alpha, DEFAULT_MIN_OPACITY, links=links)
     alpha = _math(nodes, "MULTIPLY", 300, 0, alpha, keep, links=links)
@@ -127,7 +133,7 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
 
     emit = nodes.new("ShaderNodeEmission")
     emit.location = (300, 300)
-    links.new(color.outputs["Color"], emit.inputs["Color"])
+    links.new(_display_space_switch(nodes, links, color.outputs["Color"]), emit.inputs["Color"])
     emit.inputs["Strength"].default_value = 1.0
     clear = nodes.new("ShaderNodeBsdfTransparent")
     clear.location = (300, 150)
@@ -142,6 +148,45 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     _transparent_settings(mat)
     mat["stag4d_version"] = VERSION
     return mat
+
+
+def _srgb_encode(nodes, links, value, x, y):
+    """The sRGB transfer function of one channel: 12.92 c below 0.0031308, else 1.055 c^(1/2.4) - 0.055."""
+    low = _math(nodes, "MULTIPLY", x, y, value, 12.92, links=links)
+    power = _math(nodes, "POWER", x, y - 60, _math(nodes, "MAXIMUM", x - 100, y - 60, value, 0.0, links=links),
+                  1.0 / 2.4, links=links)
+    high = _math(nodes, "MULTIPLY_ADD", x + 100, y - 60, power, 1.055, links=links)
+    high.node.inputs[2].default_value = -0.055
+    above = _math(nodes, "GREATER_THAN", x + 100, y + 60, value, 0.0031308, links=links)
+    mix = nodes.new("ShaderNodeMix")
+    mix.data_type = "FLOAT"
+    mix.location = (x + 250, y)
+    links.new(above, mix.inputs["Factor"])
+    links.new(low, mix.inputs[2])
+    links.new(high, mix.inputs[3])
+    return mix.outputs[0]
+
+
+def _display_space_switch(nodes, links, color):
+    """``color`` (linear) or its sRGB encoding, chosen by the Value node DISPLAY_SPACE_NODE (0 or 1)."""
+    sep = nodes.new("ShaderNodeSeparateColor")
+    sep.location = (-400, 700)
+    links.new(color, sep.inputs[0])
+    comb = nodes.new("ShaderNodeCombineColor")
+    comb.location = (150, 700)
+    for i in range(3):
+        links.new(_srgb_encode(nodes, links, sep.outputs[i], -250, 800 - 200 * i), comb.inputs[i])
+    switch = nodes.new("ShaderNodeValue")
+    switch.name = switch.label = DISPLAY_SPACE_NODE
+    switch.outputs[0].default_value = 0.0
+    switch.location = (150, 550)
+    mix = nodes.new("ShaderNodeMix")
+    mix.data_type = "RGBA"
+    mix.location = (300, 550)
+    links.new(switch.outputs[0], mix.inputs["Factor"])
+    links.new(color, mix.inputs[6])
+    links.new(comb.outputs[0], mix.inputs[7])
+    return mix.outputs[2]
 
 
 def build_points_material(name: str = POINTS_MATERIAL) -> bpy.types.Material:
@@ -385,6 +430,32 @@ def drive_pixel_angle(obj, scene, camera=None) -> None:
     obj["stag4d_camera"] = camera.name if camera is not None else ""
 
 
+def set_display_space_blending(scene, enabled: bool) -> None:
+    """Blend the splats' colours the way the backend's rasteriser does (in sRGB values), or in linear light.
+
+    The rasteriser composites sRGB colour values; Blender composites linear light and encodes to sRGB after, so
+    overlapping translucent splats of different colours come out lighter (a 50/50 mix of black and white is
+    188/255 in Blender, 128 in the backend). On: the splat material emits the sRGB-encoded colour and the scene's
+    view transform becomes "Raw" (no display encoding), so the blend happens on the sRGB values: the image equals
+    the rasteriser's. Off: linear emission and the view transform the scene had before (default Standard).
+    "Raw" applies to the whole scene: other lit objects then show their linear values (darker); for mixed scenes
+    switch this off or use the exact display (exact_display.py)."""
+    mat = bpy.data.materials.get(SPLAT_MATERIAL)
+    if mat is not None and mat.node_tree is not None:
+        node = mat.node_tree.nodes.get(DISPLAY_SPACE_NODE)
+        if node is not None:
+            node.outputs[0].default_value = 1.0 if enabled else 0.0
+    view = scene.view_settings
+    if enabled:
+        if view.view_transform != "Raw":
+            scene["stag4d_view_transform"] = view.view_transform
+        view.view_transform = "Raw"
+        view.look = "None"
+    elif view.view_transform == "Raw":
+        view.view_transform = scene.get("stag4d_view_transform", "Standard")
+    scene["stag4d_display_space"] = bool(enabled)
+
+
 def add_splat_modifier(obj, points: bool = False) -> bpy.types.NodesModifier:
     """Add (or refresh) the "Gaussian splats" modifier at the end of ``obj``'s stack."""
     ng = build_node_group()
@@ -418,5 +489,5 @@ def set_points_display(obj, points: bool) -> None:
     set_modifier_input(obj, "Points", bool(points))
 
 
-__all__ = ["GROUP_NAME", "MODIFIER_NAME", "build_node_group", "build_splat_material", "build_points_material",
+__all__ = ["GROUP_NAME", "MODIFIER_NAME", "set_display_space_blending", "build_node_group", "build_splat_material", "build_points_material",
            "add_splat_modifier", "set_points_display", "set_modifier_input", "get_modifier_input"]
