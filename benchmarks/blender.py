@@ -308,6 +308,7 @@ def apply_look(scene, obj, look: dict) -> None:
     """Set the render and material settings a cause step names (the rest as on main)."""
     from blender_addon import splat_nodes
 
+    splat_nodes.set_display_space_blending(scene, look["display"])  # first: it sets the filter too
     cyc = scene.cycles
     cyc.transparent_max_bounces = look["bounces"]
     cyc.min_transparent_bounces = 0 if look["rr"] else look["bounces"]
@@ -316,7 +317,6 @@ def apply_look(scene, obj, look: dict) -> None:
     for n in mat.node_tree.nodes:
         if n.bl_idname == "ShaderNodeMath" and n.operation == "MINIMUM":
             n.inputs[1].default_value = look["cap"]
-    splat_nodes.set_display_space_blending(scene, look["display"])
     if not look.get("blur", True):
         obj.modifiers[splat_nodes.MODIFIER_NAME].driver_remove(
             f'["{splat_nodes._input_id(obj.modifiers[splat_nodes.MODIFIER_NAME].node_group, "Pixel Angle")}"]')

@@ -226,8 +226,8 @@ def setup_compositor(scene, folder: Path, first: int, count: int, splat_obj=None
     # The images are sRGB and decoded to linear on load: the scene's own view transform (Standard) encodes them
     # back exactly, and the rest of the scene is shown right. The Raw transform of the display-space blending
     # would show them darker; that blending only matters for the ellipsoids, which the render now hides.
-    if getattr(scene.stag4d, "backend_blending", False):
-        scene.stag4d.backend_blending = False
+    if getattr(scene.stag4d, "backend_look", False):
+        scene.stag4d.backend_look = False
     if splat_obj is not None:
         splat_obj.hide_render = True  # the rasteriser draws them; the ellipsoids would be a second copy
     scene["stag4d_exact_folder"] = str(folder)

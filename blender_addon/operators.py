@@ -200,7 +200,7 @@ class STAG4D_OT_import_job(bpy.types.Operator):
             res = importer.import_job(job_dir, scene, name=item.name if item else None, mesh=mesh,
                                       points=self.points, job_key=item.key if item else "",
                                       standard_colors=get_prefs().standard_colors,
-                                      backend_blending=get_prefs().backend_blending, **reuse)
+                                      backend_look=get_prefs().backend_look, **reuse)
         except importer.ImportError_ as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}

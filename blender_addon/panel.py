@@ -178,7 +178,7 @@ class STAG4D_PT_job(bpy.types.Panel):
             op = row.operator("stag4d.match_camera", text="", icon="FILE_REFRESH")
             op.key = item.key
             row = box.row(align=True)
-            row.prop(context.scene.stag4d, "backend_blending")
+            row.prop(context.scene.stag4d, "backend_look")
             row = box.row(align=True)
             exact = bool(context.scene.get("stag4d_exact_folder"))
             op = row.operator("stag4d.exact_display", text="Exact Display (backend render)" if not exact

@@ -33,20 +33,21 @@ POINTS_MATERIAL = "STAG4D points"
 # Bump when the node graph changes: an older group in a saved .blend is rebuilt instead of reused.
 # 3: the square root of the scales per component (Math nodes), which Blender 4.2 has, instead of Vector Math POWER.
 # 4: the alpha cap 0.999 (the rasteriser's), the display-space colour switch in the splat material.
-VERSION = 4
+# 5: a camera-facing square through each Gaussian's centre instead of an ico sphere (one crossing per ray, at the
+#    centre's depth: the rasteriser's order; 2 triangles instead of 80).
+VERSION = 5
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
-DEFAULT_DETAIL = 2          # ico sphere subdivisions: 80 triangles per Gaussian
-# Distance of the closest face from the centre of Blender's unit ico sphere, by subdivisions 1..4: the sphere
-# is scaled by 1/this so that its faces lie outside Extent sigmas (an icosahedron's faces are at 0.79 of its
-# radius and would clip the Gaussians' tails, thinning sparse silhouettes).
-ICO_INRADIUS = (0.7946, 0.9342, 0.9822, 0.9955)
+# The camera-facing square is a little wider than 2 x Extent: seen in perspective from a finite distance, the
+# Extent-sigma sphere's outline reaches slightly beyond its centre plane's circle of radius Extent.
+QUAD_MARGIN = 1.05
 DEFAULT_MIN_OPACITY = 1.0 / 255.0
 MAX_ALPHA = 0.999           # the rasteriser's cap on one Gaussian's alpha
 # The splat material's switch between linear emission (blends in linear light, like any Blender material) and
 # sRGB-encoded emission (with the scene's display-space blending set-up: blends the sRGB values the way the
 # backend's rasteriser does; see set_display_space_blending).
 DISPLAY_SPACE_NODE = "stag4d display space"
+PIXEL_CENTRE_FILTER = 0.01  # Cycles' smallest pixel filter width: samples at the pixel centre, as the rasteriser
 # The backend's rasteriser (gsplat "classic") adds 0.3 px^2 to every projected covariance: thin Gaussians show at
 # least about half a pixel wide. Adding the same variance isotropically in 3D, sigma_d = sqrt(0.3) x (the angle of
 # one pixel) x (distance to the camera), gives the same blur (an isotropic term commutes with the rotation, so the
@@ -128,8 +129,6 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     # Below 1/255 the backend drops the Gaussian's contribution; doing the same keeps the silhouettes equal.
     keep = _math(nodes, "GREATER_THAN", 150, -150, alpha, DEFAULT_MIN_OPACITY, links=links)
     alpha = _math(nodes, "MULTIPLY", 300, 0, alpha, keep, links=links)
-    front = _math(nodes, "SUBTRACT", 150, -300, 1.0, geom.outputs["Backfacing"], links=links)
-    alpha = _math(nodes, "MULTIPLY", 450, 0, alpha, front, links=links)
 
     emit = nodes.new("ShaderNodeEmission")
     emit.location = (300, 300)
@@ -242,8 +241,6 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
             description="Show plain points instead of ellipsoid splats (lighter, for big sets)")
     _socket(ng, "Extent", "INPUT", "NodeSocketFloat", DEFAULT_EXTENT, 0.5, 6.0,
             description="Size of each splat's ellipsoid in standard deviations")
-    _socket(ng, "Detail", "INPUT", "NodeSocketInt", DEFAULT_DETAIL, 1, 4,
-            description="Subdivisions of the sphere each splat is drawn with")
     _socket(ng, "Min Opacity", "INPUT", "NodeSocketFloat", DEFAULT_MIN_OPACITY, 0.0, 1.0,
             description="Skip Gaussians fainter than this")
     _socket(ng, "Point Size", "INPUT", "NodeSocketFloat", 1.0, 0.0, 10.0,
@@ -278,28 +275,21 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     links.new(opacity, visible.inputs[0])
     links.new(gin.outputs["Min Opacity"], visible.inputs[1])
 
-    inradius = nodes.new("GeometryNodeIndexSwitch")
-    inradius.data_type = "FLOAT"
-    inradius.location = (-700, 350)
-    while len(inradius.index_switch_items) < len(ICO_INRADIUS) + 1:
-        inradius.index_switch_items.new()
-    inradius.inputs[1].default_value = ICO_INRADIUS[0]  # index 0 is not a valid detail; treat it as 1
-    for i, r in enumerate(ICO_INRADIUS):
-        inradius.inputs[i + 2].default_value = r
-    links.new(gin.outputs["Detail"], inradius.inputs["Index"])
-    radius_n = nodes.new("ShaderNodeMath")
-    radius_n.operation = "DIVIDE"
-    radius_n.location = (-500, 350)
-    links.new(gin.outputs["Extent"], radius_n.inputs[0])
-    links.new(inradius.outputs[0], radius_n.inputs[1])
-
-    ico = nodes.new("GeometryNodeMeshIcoSphere")
-    ico.location = (-350, 200)
-    links.new(radius_n.outputs[0], ico.inputs["Radius"])
-    links.new(gin.outputs["Detail"], ico.inputs["Subdivisions"])
+    # One square per Gaussian, 2 x Extent sigmas wide, in the instance's own (unit-Gaussian) space; turned below
+    # to face the camera, it holds the plane through the Gaussian's centre across the viewing ray.
+    quad = nodes.new("GeometryNodeMeshGrid")
+    quad.location = (-350, 200)
+    quad.inputs["Vertices X"].default_value = quad.inputs["Vertices Y"].default_value = 2
+    side = nodes.new("ShaderNodeMath")
+    side.operation = "MULTIPLY"
+    side.location = (-550, 350)
+    links.new(gin.outputs["Extent"], side.inputs[0])
+    side.inputs[1].default_value = 2.0 * QUAD_MARGIN
+    links.new(side.outputs[0], quad.inputs["Size X"])
+    links.new(side.outputs[0], quad.inputs["Size Y"])
     ico_mat = nodes.new("GeometryNodeSetMaterial")
     ico_mat.location = (-150, 200)
-    links.new(ico.outputs["Mesh"], ico_mat.inputs["Geometry"])
+    links.new(quad.outputs["Mesh"], ico_mat.inputs["Geometry"])
     links.new(gin.outputs["Splat Material"], ico_mat.inputs["Material"])
 
     # Point attributes (displayColor, opacity, ...) become instance attributes: the material reads them
@@ -310,7 +300,9 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     links.new(visible.outputs[0], inst.inputs["Selection"])
     links.new(ico_mat.outputs["Geometry"], inst.inputs["Instance"])
     links.new(orient, inst.inputs["Rotation"])
-    links.new(_blurred_scales(nodes, links, gin, scales), inst.inputs["Scale"])
+    blurred, cam_loc = _blurred_scales(nodes, links, gin, scales)
+    links.new(blurred, inst.inputs["Scale"])
+    facing = _face_camera(nodes, links, inst.outputs["Instances"], orient, blurred, cam_loc)
 
     pts_mat = nodes.new("GeometryNodeSetMaterial")
     pts_mat.location = (100, -300)
@@ -330,7 +322,7 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     switch.input_type = "GEOMETRY"
     switch.location = (500, 0)
     links.new(gin.outputs["Points"], switch.inputs["Switch"])
-    links.new(inst.outputs["Instances"], switch.inputs["False"])
+    links.new(facing, switch.inputs["False"])
     links.new(set_radius.outputs["Points"], switch.inputs["True"])
     links.new(switch.outputs["Output"], gout.inputs["Geometry"])
 
@@ -379,7 +371,43 @@ def _blurred_scales(nodes, links, gin, scales):
     add.location = (-150, -700)
     links.new(sq.outputs["Vector"], add.inputs[0])
     links.new(var_px.outputs[0], add.inputs[1])
-    return _vector_sqrt(nodes, links, add.outputs["Vector"], 0, -700)
+    return _vector_sqrt(nodes, links, add.outputs["Vector"], 0, -700), info.outputs["Location"]
+
+
+def _face_camera(nodes, links, instances, orient, blurred, cam_loc):
+    """Turn each square, in its instance's own space (after the Gaussian's rotation and scale, where the Gaussian
+    is the unit normal distribution), so that its normal points at the camera: there the direction to the camera
+    is S^-1 R^-1 (camera - centre). A rotation in that space leaves the Gaussian as it is; the square now lies
+    across every camera ray through the splat, in the plane of the Gaussian's centre."""
+    pos = nodes.new("GeometryNodeInputPosition")
+    pos.location = (300, -1100)
+    to_cam = nodes.new("ShaderNodeVectorMath")
+    to_cam.operation = "SUBTRACT"
+    to_cam.location = (450, -1000)
+    links.new(cam_loc, to_cam.inputs[0])
+    links.new(pos.outputs[0], to_cam.inputs[1])
+    inv = nodes.new("FunctionNodeInvertRotation")
+    inv.location = (450, -1200)
+    links.new(orient, inv.inputs[0])
+    rot = nodes.new("FunctionNodeRotateVector")
+    rot.location = (600, -1000)
+    links.new(to_cam.outputs["Vector"], rot.inputs["Vector"])
+    links.new(inv.outputs[0], rot.inputs["Rotation"])
+    local = nodes.new("ShaderNodeVectorMath")
+    local.operation = "DIVIDE"
+    local.location = (750, -1000)
+    links.new(rot.outputs[0], local.inputs[0])
+    links.new(blurred, local.inputs[1])
+    align = nodes.new("FunctionNodeAlignRotationToVector")
+    align.axis = "Z"
+    align.location = (900, -1000)
+    links.new(local.outputs["Vector"], align.inputs["Vector"])
+    turn = nodes.new("GeometryNodeRotateInstances")
+    turn.location = (1050, -800)
+    links.new(instances, turn.inputs["Instances"])
+    links.new(align.outputs[0], turn.inputs["Rotation"])
+    turn.inputs["Local Space"].default_value = True
+    return turn.outputs["Instances"]
 
 
 def _vector_sqrt(nodes, links, vec, x, y):
@@ -431,28 +459,38 @@ def drive_pixel_angle(obj, scene, camera=None) -> None:
 
 
 def set_display_space_blending(scene, enabled: bool) -> None:
-    """Blend the splats' colours the way the backend's rasteriser does (in sRGB values), or in linear light.
+    """Render the splats as the backend's rasteriser does, or as Blender renders anything else.
 
     The rasteriser composites sRGB colour values; Blender composites linear light and encodes to sRGB after, so
     overlapping translucent splats of different colours come out lighter (a 50/50 mix of black and white is
     188/255 in Blender, 128 in the backend). On: the splat material emits the sRGB-encoded colour and the scene's
-    view transform becomes "Raw" (no display encoding), so the blend happens on the sRGB values: the image equals
-    the rasteriser's. Off: linear emission and the view transform the scene had before (default Standard).
-    "Raw" applies to the whole scene: other lit objects then show their linear values (darker); for mixed scenes
-    switch this off or use the exact display (exact_display.py)."""
+    view transform becomes "Raw" (no display encoding), so the blend happens on the sRGB values, as in the
+    rasteriser. Cycles' pixel filter becomes 0.01 px: every sample goes through the pixel centre, where the
+    rasteriser evaluates its pixels (with no Russian roulette on transparent bounces, configure_render, the
+    splats are then deterministic: 1 sample gives the image 64 give). Off: linear emission and the view
+    transform and filter the scene had before. Both settings are the whole scene's: other lit objects then
+    show linear values (darker) without anti-aliasing; for mixed scenes switch this off or use the exact
+    display (exact_display.py)."""
     mat = bpy.data.materials.get(SPLAT_MATERIAL)
     if mat is not None and mat.node_tree is not None:
         node = mat.node_tree.nodes.get(DISPLAY_SPACE_NODE)
         if node is not None:
             node.outputs[0].default_value = 1.0 if enabled else 0.0
     view = scene.view_settings
+    cycles = getattr(scene, "cycles", None)
     if enabled:
         if view.view_transform != "Raw":
             scene["stag4d_view_transform"] = view.view_transform
         view.view_transform = "Raw"
         view.look = "None"
-    elif view.view_transform == "Raw":
-        view.view_transform = scene.get("stag4d_view_transform", "Standard")
+        if cycles is not None and cycles.filter_width > PIXEL_CENTRE_FILTER:
+            scene["stag4d_filter_width"] = cycles.filter_width
+            cycles.filter_width = PIXEL_CENTRE_FILTER
+    else:
+        if view.view_transform == "Raw":
+            view.view_transform = scene.get("stag4d_view_transform", "Standard")
+        if cycles is not None and cycles.filter_width <= PIXEL_CENTRE_FILTER:
+            cycles.filter_width = scene.get("stag4d_filter_width", 1.5)
     scene["stag4d_display_space"] = bool(enabled)
 
 

@@ -279,7 +279,7 @@ def _apply_done(scene, item, directory: str) -> None:
         res = importer.import_job(directory, scene, name=item.name, mesh=item.import_mesh, job_key=item.key,
                                   collection=item.collection, gaussians=item.gaussians,
                                   standard_colors=prefs.standard_colors,
-                                  backend_blending=prefs.backend_blending)
+                                  backend_look=prefs.backend_look)
     except Exception as exc:  # noqa: BLE001
         item.state = "finished"
         item.error = f"Import failed: {exc}"
