@@ -402,11 +402,20 @@ def _face_camera(nodes, links, instances, orient, blurred, cam_loc):
     align.axis = "Z"
     align.location = (900, -1000)
     links.new(local.outputs["Vector"], align.inputs["Vector"])
-    turn = nodes.new("GeometryNodeRotateInstances")
-    turn.location = (1050, -800)
+    # instance matrix (T R S) x the turn: Rotate Instances in local space would turn about the scaled axes.
+    q = nodes.new("FunctionNodeCombineTransform")
+    q.location = (1050, -1000)
+    links.new(align.outputs[0], q.inputs["Rotation"])
+    current = nodes.new("GeometryNodeInstanceTransform")
+    current.location = (1050, -1150)
+    product = nodes.new("FunctionNodeMatrixMultiply")
+    product.location = (1200, -1000)
+    links.new(current.outputs[0], product.inputs[0])
+    links.new(q.outputs[0], product.inputs[1])
+    turn = nodes.new("GeometryNodeSetInstanceTransform")
+    turn.location = (1350, -800)
     links.new(instances, turn.inputs["Instances"])
-    links.new(align.outputs[0], turn.inputs["Rotation"])
-    turn.inputs["Local Space"].default_value = True
+    links.new(product.outputs[0], turn.inputs["Transform"])
     return turn.outputs["Instances"]
 
 
