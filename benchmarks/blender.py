@@ -22,6 +22,7 @@ import math
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -290,22 +291,29 @@ def pictures(out_dir: Path, work: Path, eevee: bool) -> None:
 
 
 VIEWS = ((0, 0.0, 0.0), (5, 15.0, 40.0), (10, 20.0, -120.0))  # (frame, elevation, azimuth)
-# The causes of the difference, switched on one after the other from the add-on as it was (main, before issue 19):
-# each step's PSNR gain is that cause's share. The last row's remaining error is the ordering / projection
-# difference between ray-traced ellipsoids and the rasteriser (and what is left of the others).
-CAUSE_STEPS = (
-    ("main: linear emission, cap 0.99, 128 transparent bounces, Russian roulette, 1.5 px filter", {}),
-    ("+ transparent bounce limit 1024", {"bounces": 1024}),
-    ("+ no Russian roulette on transparent bounces", {"rr": False}),
-    ("+ pixel-centre sampling (filter 0.01 px), as the rasteriser", {"filter": 0.01}),
-    ("+ alpha cap 0.999, as the rasteriser", {"cap": 0.999}),
-    ("+ display-space blending (sRGB emission, compositor decode)", {"display": True}),
-)
+# The add-on's display as imported now ("Match the Backend Render" on): no Russian roulette on 1024 transparent
+# bounces, pixel-centre sampling, the rasteriser's 0.999 alpha cap, sRGB-value blending, the 0.3 px^2 blur.
+FINAL_LOOK = {"bounces": 1024, "rr": False, "filter": 0.01, "cap": 0.999, "display": True, "blur": True}
+# The settings of the display before issue 19 (its ellipsoid geometry is gone; see docs/blender_addon.md).
 MAIN_LOOK = {"bounces": 128, "rr": True, "filter": 1.5, "cap": 0.99, "display": False, "blur": True}
+# Each cause undone alone from FINAL_LOOK: the PSNR it costs is its share. Deterministic (pixel-centre samples
+# without Russian roulette), so 1 sample shows what 64 do, except for the two noise causes, which need samples.
+CAUSE_VARIANTS = (
+    ("now (Match the Backend Render)", {}),
+    ("linear-light blending", {"display": False, "filter": 0.01}),
+    ("128 transparent bounces", {"bounces": 128}),
+    ("alpha cap 0.99", {"cap": 0.99}),
+    ("no 0.3 px blur", {"blur": False}),
+    ("Russian roulette on transparent bounces", {"rr": True}),
+    ("1.5 px pixel filter", {"filter": 1.5}),
+)
+NOISE_CAUSES = ("Russian roulette on transparent bounces", "1.5 px pixel filter")
 
 
 def apply_look(scene, obj, look: dict) -> None:
-    """Set the render and material settings a cause step names (the rest as on main)."""
+    """Set the render and material settings of a look (the keys of FINAL_LOOK) on an imported job."""
+    import bpy
+
     from blender_addon import splat_nodes
 
     splat_nodes.set_display_space_blending(scene, look["display"])  # first: it sets the filter too
@@ -313,7 +321,7 @@ def apply_look(scene, obj, look: dict) -> None:
     cyc.transparent_max_bounces = look["bounces"]
     cyc.min_transparent_bounces = 0 if look["rr"] else look["bounces"]
     cyc.filter_width = look["filter"]
-    mat = bpy_data().materials[splat_nodes.SPLAT_MATERIAL]
+    mat = bpy.data.materials[splat_nodes.SPLAT_MATERIAL]
     for n in mat.node_tree.nodes:
         if n.bl_idname == "ShaderNodeMath" and n.operation == "MINIMUM":
             n.inputs[1].default_value = look["cap"]
@@ -323,33 +331,25 @@ def apply_look(scene, obj, look: dict) -> None:
         splat_nodes.set_modifier_input(obj, "Pixel Angle", 0.0)
 
 
-def bpy_data():
-    import bpy
-
-    return bpy.data
-
-
-def causes(job: Path, work: Path, size: int, samples: int, out_dir: Path | None) -> list[dict]:
-    """PSNR on white / colour difference / IoU of each cause step at every view (see CAUSE_STEPS)."""
+def causes(job: Path, work: Path, size: int, samples: int, variants=CAUSE_VARIANTS, views=VIEWS) -> list[dict]:
+    """PSNR on white / colour difference / IoU of each CAUSE_VARIANTS row at every view; the deterministic rows
+    with 1 sample, the noise rows with ``samples``."""
     bpy = _bpy()
-    from PIL import Image
 
     rows = []
-    for label, change in CAUSE_STEPS:
-        look = dict(MAIN_LOOK)
-        for _, c in CAUSE_STEPS[: [lbl for lbl, _ in CAUSE_STEPS].index(label) + 1]:
-            look.update(c)
-        for frame, el, az in VIEWS:
+    for i, (label, change) in enumerate(variants):
+        look = {**FINAL_LOOK, **change}
+        spp = samples if label in NOISE_CAUSES else 1
+        for frame, el, az in views:
             clean(bpy)
             ensure_camera(bpy.context.scene)
             bpy.ops.stag4d.import_job(directory=str(job))
             scene = bpy.context.scene
             apply_look(scene, scene.stag4d.jobs[0].gaussians, look)
-            png = work / f"cause_{CAUSE_STEPS.index((label, change))}_{frame}.png"
-            res = render_and_compare(job, scene, frame, size, samples, el, az, png)
-            rows.append({"step": label, "frame": frame, "elevation": el, "azimuth": az,
+            res = render_and_compare(job, scene, frame, size, spp, el, az, work / f"cause_{i}_{frame}.png")
+            rows.append({"variant": label, "samples": spp, "frame": frame, "elevation": el, "azimuth": az,
                          **{k: res[k] for k in ("psnr_white", "rgb_diff", "iou", "render_s")}})
-            print(f"{label} | frame {frame} el {el} az {az} | PSNR {res['psnr_white']:.2f} dB | "
+            print(f"{label} | {spp} spp | frame {frame} el {el} az {az} | PSNR {res['psnr_white']:.2f} dB | "
                   f"|rgb| {res['rgb_diff']:.1f} | IoU {res['iou']:.3f} | {res['render_s']:.1f} s", flush=True)
     return rows
 
@@ -430,6 +430,66 @@ def simulated_causes(job: Path, size: int, views=VIEWS) -> list[dict]:
     return rows
 
 
+def fidelity_table(job: Path, work: Path, size: int, samples: list[int], engines: list[str],
+                   out_dir: Path | None) -> list[dict]:
+    """The add-on's display as imported (and the exact display) against the backend render, per engine and
+    sample count, at every view; a picture sheet per engine (backend | Blender | alpha difference)."""
+    bpy = _bpy()
+    from PIL import Image
+
+    from blender_addon import state
+
+    rows = []
+    for engine in engines:
+        for spp in samples:
+            sheet, labels = [], []
+            for frame, el, az in VIEWS:
+                clean(bpy)
+                ensure_camera(bpy.context.scene)
+                bpy.ops.stag4d.import_job(directory=str(job))
+                scene = bpy.context.scene
+                if engine == "EXACT":
+                    import threading
+
+                    scene.render.resolution_x = scene.render.resolution_y = size
+                    from stag4d_backend.render.cameras import OrbitCamera
+
+                    ensure_camera(scene, OrbitCamera(elevation=el, azimuth=az, size=size))
+                    item = scene.stag4d.jobs[0]
+                    t0 = time.perf_counter()
+                    bpy.ops.stag4d.exact_display(key=item.key)
+                    for t in threading.enumerate():
+                        if t.name.startswith("stag4d-exact"):
+                            t.join()
+                    state.process_updates()
+                    backend_s = time.perf_counter() - t0
+                png = work / f"fid_{engine}_{spp}_{frame}.png"
+                res = render_and_compare(job, scene, frame, size, spp, el, az, png,
+                                         engine="CYCLES" if engine == "EXACT" else engine)
+                if engine == "EXACT":
+                    res["render_s"] += backend_s / (scene.frame_end - scene.frame_start + 1)
+                rows.append({"engine": engine, "samples": spp, "frame": frame, "elevation": el, "azimuth": az,
+                             **{k: res[k] for k in ("psnr_white", "rgb_diff", "iou", "render_s")}})
+                print(f"{engine} | {spp} spp | frame {frame} el {el} az {az} | PSNR {res['psnr_white']:.2f} dB | "
+                      f"|rgb| {res['rgb_diff']:.1f} | IoU {res['iou']:.3f} | {res['render_s']:.1f} s", flush=True)
+                sheet.append(np.array(Image.open(png)))
+                labels.append(f"frame {frame}, el {el:g}, az {az:g}: PSNR {res['psnr_white']:.1f} dB, "
+                              f"|rgb| {res['rgb_diff']:.1f}")
+            if out_dir is not None:
+                name = {"CYCLES": f"Cycles {spp} spp", "EXACT": "exact display"}.get(engine, f"EEVEE {spp} spp")
+                Image.fromarray(_captioned(sheet, [t.format(name) for t in TITLES], labels)).save(
+                    out_dir / f"blender_fidelity_{engine.lower()}_{spp}.png")
+    return rows
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gaussians", type=int, nargs="+", default=[50000])
@@ -438,8 +498,28 @@ def main() -> None:
     ap.add_argument("--pictures", type=Path, help="write docs pictures into this folder instead of timing")
     ap.add_argument("--eevee", action="store_true", help="with --pictures: also an EEVEE render (minutes here)")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--fit", type=Path, help="fidelity on this job or fit folder (baked: bake/gaussians.usdc)")
+    ap.add_argument("--size", type=int, default=96, help="with --fit: render size")
+    ap.add_argument("--samples", type=int, nargs="+", default=[1, 64], help="with --fit: sample counts")
+    ap.add_argument("--engines", nargs="+", default=["CYCLES", "EXACT"],
+                    help="with --fit: CYCLES, BLENDER_EEVEE (software OpenGL here: slow), EXACT")
+    ap.add_argument("--causes", action="store_true", help="with --fit: each cause of the difference undone alone")
+    ap.add_argument("--out", type=Path, help="with --fit: write the picture sheets here")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="stag4d-blbench-"))
+    if args.fit:
+        print(f"CPU: {_cpu_model()}; load before: {os.getloadavg()[0]:.1f}")
+        if args.causes:
+            for r in simulated_causes(args.fit, args.size):
+                print(f"backend alone | {r['cause']} | frame {r['frame']} | PSNR {r['psnr_white']:.2f} dB | "
+                      f"|rgb| {r['rgb_diff']:.2f} | IoU {r['iou']:.3f}", flush=True)
+            causes(args.fit, work, args.size, max(args.samples))
+        else:
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+            fidelity_table(args.fit, work, args.size, args.samples, args.engines, args.out)
+        print(f"load after: {os.getloadavg()[0]:.1f}")
+        return
     if args.pictures:
         args.pictures.mkdir(parents=True, exist_ok=True)
         pictures(args.pictures, work, args.eevee)
