@@ -218,6 +218,21 @@ def time_job(job_dir: Path, frames: int, repeats: int) -> dict:
             "points_frame_ms": 1000 * statistics.median(points_changes), "instances_points_mode": n}
 
 
+def time_render(job_dir: Path, size: int, samples: int) -> float:
+    """Wall time of one Cycles render (CPU, no denoising) of frame 0 through the benchmarks' front camera."""
+    bpy = _bpy()
+    from stag4d_backend.render.cameras import OrbitCamera
+
+    clean(bpy)
+    scene = bpy.context.scene
+    ensure_camera(scene)
+    assert bpy.ops.stag4d.import_job(directory=str(job_dir)) == {"FINISHED"}
+    t0 = time.perf_counter()
+    render_blender(scene, OrbitCamera(size=size), 0, Path(tempfile.mkdtemp(prefix="stag4d-rt-")) / "r.png",
+                   samples=samples)
+    return time.perf_counter() - t0
+
+
 def _captioned(rows: list[np.ndarray], titles: list[str], row_labels: list[str]) -> np.ndarray:
     """Stack comparison rows under a header naming the columns; each row gets a label in its top-left corner."""
     from PIL import Image, ImageDraw, ImageFont
@@ -505,6 +520,8 @@ def main() -> None:
                     help="with --fit: CYCLES, BLENDER_EEVEE (software OpenGL here: slow), EXACT")
     ap.add_argument("--causes", action="store_true", help="with --fit: each cause of the difference undone alone")
     ap.add_argument("--out", type=Path, help="with --fit: write the picture sheets here")
+    ap.add_argument("--render", type=int, nargs=2, metavar=("SIZE", "SAMPLES"),
+                    help="also time a Cycles render (CPU, 2 threads) of frame 0 of each set, as imported")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="stag4d-blbench-"))
     if args.fit:
@@ -532,7 +549,10 @@ def main() -> None:
         r = time_job(job, args.frames, args.repeats)
         size = (job / "bake" / "gaussians.usdc").stat().st_size / 1e6
         print(f"| {n:,} | {args.frames} | {size:.1f} | {r['import_s']:.3f} | {r['frame_ms']:.1f} / "
-              f"{r['frame_p90_ms']:.1f} | {r['points_frame_ms']:.1f} |", flush=True)
+              f"{r['frame_p90_ms']:.1f} | {r['points_frame_ms']:.1f} | load {os.getloadavg()[0]:.1f}", flush=True)
+        if args.render:
+            print(f"Cycles {args.render[0]} px, {args.render[1]} spp, {n:,} splats: "
+                  f"{time_render(job, *args.render):.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":
