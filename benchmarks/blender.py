@@ -492,7 +492,8 @@ def fidelity_table(job: Path, work: Path, size: int, samples: list[int], engines
                               f"|rgb| {res['rgb_diff']:.1f}")
             if out_dir is not None:
                 name = {"CYCLES": f"Cycles {spp} spp", "EXACT": "exact display"}.get(engine, f"EEVEE {spp} spp")
-                Image.fromarray(_captioned(sheet, [t.format(name) for t in TITLES], labels)).save(
+                titles = ["backend", f"Blender: {name}", "alpha difference"]  # short: narrow columns
+                Image.fromarray(_captioned(sheet, titles, labels)).save(
                     out_dir / f"blender_fidelity_{engine.lower()}_{spp}.png")
     return rows
 
