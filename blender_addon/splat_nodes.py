@@ -35,7 +35,7 @@ POINTS_MATERIAL = "STAG4D points"
 # 4: the alpha cap 0.999 (the rasteriser's), the display-space colour switch in the splat material.
 # 5: a camera-facing square through each Gaussian's centre instead of an ico sphere (one crossing per ray, at the
 #    centre's depth: the rasteriser's order; 2 triangles instead of 80).
-VERSION = 5
+VERSION = 6  # 6: the turn computed from the instance matrix (cheaper frame change)
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
 # The camera-facing square is a little wider than 2 x Extent: seen in perspective from a finite distance, the
@@ -302,7 +302,7 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     links.new(orient, inst.inputs["Rotation"])
     blurred, cam_loc = _blurred_scales(nodes, links, gin, scales)
     links.new(blurred, inst.inputs["Scale"])
-    facing = _face_camera(nodes, links, inst.outputs["Instances"], orient, blurred, cam_loc)
+    facing = _face_camera(nodes, links, inst.outputs["Instances"], cam_loc)
 
     pts_mat = nodes.new("GeometryNodeSetMaterial")
     pts_mat.location = (100, -300)
@@ -374,40 +374,30 @@ def _blurred_scales(nodes, links, gin, scales):
     return _vector_sqrt(nodes, links, add.outputs["Vector"], 0, -700), info.outputs["Location"]
 
 
-def _face_camera(nodes, links, instances, orient, blurred, cam_loc):
+def _face_camera(nodes, links, instances, cam_loc):
     """Turn each square, in its instance's own space (after the Gaussian's rotation and scale, where the Gaussian
-    is the unit normal distribution), so that its normal points at the camera: there the direction to the camera
-    is S^-1 R^-1 (camera - centre). A rotation in that space leaves the Gaussian as it is; the square now lies
-    across every camera ray through the splat, in the plane of the Gaussian's centre."""
-    pos = nodes.new("GeometryNodeInputPosition")
-    pos.location = (300, -1100)
-    to_cam = nodes.new("ShaderNodeVectorMath")
-    to_cam.operation = "SUBTRACT"
-    to_cam.location = (450, -1000)
-    links.new(cam_loc, to_cam.inputs[0])
-    links.new(pos.outputs[0], to_cam.inputs[1])
-    inv = nodes.new("FunctionNodeInvertRotation")
-    inv.location = (450, -1200)
-    links.new(orient, inv.inputs[0])
-    rot = nodes.new("FunctionNodeRotateVector")
-    rot.location = (600, -1000)
-    links.new(to_cam.outputs["Vector"], rot.inputs["Vector"])
-    links.new(inv.outputs[0], rot.inputs["Rotation"])
-    local = nodes.new("ShaderNodeVectorMath")
-    local.operation = "DIVIDE"
+    is the unit normal distribution), so that its normal points at the camera: there the camera is at
+    M^-1 camera, M the instance matrix (T R S). A rotation Q in that space leaves the Gaussian as it is (M Q
+    (M Q)^T = M M^T); the square now lies across every camera ray through the splat, through the point of the
+    Gaussian's highest density along the ray. Reading M back (Instance Transform) instead of recomputing R and
+    the blurred S keeps a frame change cheap."""
+    current = nodes.new("GeometryNodeInstanceTransform")
+    current.location = (450, -1150)
+    inverse = nodes.new("FunctionNodeInvertMatrix")
+    inverse.location = (600, -1150)
+    links.new(current.outputs[0], inverse.inputs[0])
+    local = nodes.new("FunctionNodeTransformPoint")
     local.location = (750, -1000)
-    links.new(rot.outputs[0], local.inputs[0])
-    links.new(blurred, local.inputs[1])
+    links.new(cam_loc, local.inputs["Vector"])
+    links.new(inverse.outputs["Matrix"], local.inputs["Transform"])
     align = nodes.new("FunctionNodeAlignRotationToVector")
     align.axis = "Z"
     align.location = (900, -1000)
-    links.new(local.outputs["Vector"], align.inputs["Vector"])
-    # instance matrix (T R S) x the turn: Rotate Instances in local space would turn about the scaled axes.
+    links.new(local.outputs[0], align.inputs["Vector"])
+    # M x Q: Rotate Instances in local space would turn about the scaled axes instead.
     q = nodes.new("FunctionNodeCombineTransform")
     q.location = (1050, -1000)
     links.new(align.outputs[0], q.inputs["Rotation"])
-    current = nodes.new("GeometryNodeInstanceTransform")
-    current.location = (1050, -1150)
     product = nodes.new("FunctionNodeMatrixMultiply")
     product.location = (1200, -1000)
     links.new(current.outputs[0], product.inputs[0])
