@@ -22,6 +22,7 @@ import math
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -114,12 +115,35 @@ def render_blender(scene, orbit, frame: int, out_png: Path, engine: str = "CYCLE
     return np.array(Image.open(out_png).convert("RGBA"))
 
 
+def model_dir(job_dir: Path) -> Path:
+    """A job folder's model/ or, for a fit output folder (``stag4d fit -o DIR`` then ``stag4d bake DIR``), itself."""
+    return job_dir / "model" if (job_dir / "model").is_dir() else job_dir
+
+
 def backend_render(job_dir: Path, orbit, frame: int) -> np.ndarray:
     from stag4d_backend.fitted import load_fitted
     from stag4d_backend.export.turntable import render_rgba
 
-    animated, _ = load_fitted(job_dir / "model")
+    animated, _ = load_fitted(model_dir(job_dir))
     return render_rgba(animated, orbit, frame)
+
+
+def fidelity(ref: np.ndarray, img: np.ndarray) -> dict:
+    """The issue's comparison of two straight RGBA uint8 images: PSNR of the two composited on white (all
+    pixels, peak 255), mean |rgb| difference of the straight colours where both alphas exceed 0.5 ("inside the
+    silhouette", 0..255), and the IoU of those alpha > 0.5 silhouettes."""
+    a, b = ref[..., 3] > 127, img[..., 3] > 127
+    both = a & b
+    iou = float(both.sum() / max(1, (a | b).sum()))
+    rgb_diff = float(np.abs(ref[..., :3].astype(int) - img[..., :3].astype(int))[both].mean()) if both.any() else 255.0
+
+    def white(x):
+        al = x[..., 3:4].astype(np.float64) / 255.0
+        return x[..., :3].astype(np.float64) * al + 255.0 * (1.0 - al)
+
+    mse = float(np.mean((white(ref) - white(img)) ** 2))
+    psnr = 10.0 * math.log10(255.0 ** 2 / mse) if mse > 0 else float("inf")
+    return {"psnr_white": psnr, "rgb_diff": rgb_diff, "iou": iou}
 
 
 def _on_white(rgba: np.ndarray) -> np.ndarray:
@@ -142,16 +166,12 @@ def render_and_compare(job_dir: Path, scene, frame: int = 0, size: int = 128, sa
     t0 = time.perf_counter()
     img = render_blender(scene, orbit, frame, tmp, engine=engine, samples=samples)
     render_s = time.perf_counter() - t0
-    a, b = ref[..., 3] > 127, img[..., 3] > 127
-    both = a & b
-    iou = float(both.sum() / max(1, (a | b).sum()))
-    rgb_diff = float(np.abs(ref[..., :3].astype(int) - img[..., :3].astype(int))[both].mean()) if both.any() else 255.0
     if out_png is not None:
         diff = np.abs(ref[..., 3].astype(int) - img[..., 3].astype(int)).astype(np.uint8)
         sheet = np.concatenate([_on_white(ref), _on_white(img), np.repeat(255 - diff[..., None], 3, -1)], 1)
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(sheet).save(out_png)
-    return {"iou": iou, "rgb_diff": rgb_diff, "coverage": float(b.mean()), "render_s": render_s,
+    return {**fidelity(ref, img), "coverage": float((img[..., 3] > 127).mean()), "render_s": render_s,
             "backend": ref, "blender": img}
 
 
@@ -196,6 +216,21 @@ def time_job(job_dir: Path, frames: int, repeats: int) -> dict:
     return {"import_s": statistics.median(imports), "import_min_s": min(imports),
             "frame_ms": 1000 * statistics.median(changes), "frame_p90_ms": 1000 * float(np.percentile(changes, 90)),
             "points_frame_ms": 1000 * statistics.median(points_changes), "instances_points_mode": n}
+
+
+def time_render(job_dir: Path, size: int, samples: int) -> float:
+    """Wall time of one Cycles render (CPU, no denoising) of frame 0 through the benchmarks' front camera."""
+    bpy = _bpy()
+    from stag4d_backend.render.cameras import OrbitCamera
+
+    clean(bpy)
+    scene = bpy.context.scene
+    ensure_camera(scene)
+    assert bpy.ops.stag4d.import_job(directory=str(job_dir)) == {"FINISHED"}
+    t0 = time.perf_counter()
+    render_blender(scene, OrbitCamera(size=size), 0, Path(tempfile.mkdtemp(prefix="stag4d-rt-")) / "r.png",
+                   samples=samples)
+    return time.perf_counter() - t0
 
 
 def _captioned(rows: list[np.ndarray], titles: list[str], row_labels: list[str]) -> np.ndarray:
@@ -270,6 +305,207 @@ def pictures(out_dir: Path, work: Path, eevee: bool) -> None:
     print("\n".join(lines))
 
 
+VIEWS = ((0, 0.0, 0.0), (5, 15.0, 40.0), (10, 20.0, -120.0))  # (frame, elevation, azimuth)
+# The add-on's display as imported now ("Match the Backend Render" on): no Russian roulette on 1024 transparent
+# bounces, pixel-centre sampling, the rasteriser's 0.999 alpha cap, sRGB-value blending, the 0.3 px^2 blur.
+FINAL_LOOK = {"bounces": 1024, "rr": False, "filter": 0.01, "cap": 0.999, "display": True, "blur": True}
+# The settings of the display before issue 19 (its ellipsoid geometry is gone; see docs/blender_addon.md).
+MAIN_LOOK = {"bounces": 128, "rr": True, "filter": 1.5, "cap": 0.99, "display": False, "blur": True}
+# Each cause undone alone from FINAL_LOOK: the PSNR it costs is its share. Deterministic (pixel-centre samples
+# without Russian roulette), so 1 sample shows what 64 do, except for the two noise causes, which need samples.
+CAUSE_VARIANTS = (
+    ("now (Match the Backend Render)", {}),
+    ("linear-light blending", {"display": False, "filter": 0.01}),
+    ("128 transparent bounces", {"bounces": 128}),
+    ("alpha cap 0.99", {"cap": 0.99}),
+    ("no 0.3 px blur", {"blur": False}),
+    ("Russian roulette on transparent bounces", {"rr": True}),
+    ("1.5 px pixel filter", {"filter": 1.5}),
+)
+NOISE_CAUSES = ("Russian roulette on transparent bounces", "1.5 px pixel filter")
+
+
+def apply_look(scene, obj, look: dict) -> None:
+    """Set the render and material settings of a look (the keys of FINAL_LOOK) on an imported job."""
+    import bpy
+
+    from blender_addon import splat_nodes
+
+    splat_nodes.set_display_space_blending(scene, look["display"])  # first: it sets the filter too
+    cyc = scene.cycles
+    cyc.transparent_max_bounces = look["bounces"]
+    cyc.min_transparent_bounces = 0 if look["rr"] else look["bounces"]
+    cyc.filter_width = look["filter"]
+    mat = bpy.data.materials[splat_nodes.SPLAT_MATERIAL]
+    for n in mat.node_tree.nodes:
+        if n.bl_idname == "ShaderNodeMath" and n.operation == "MINIMUM":
+            n.inputs[1].default_value = look["cap"]
+    if not look.get("blur", True):
+        obj.modifiers[splat_nodes.MODIFIER_NAME].driver_remove(
+            f'["{splat_nodes._input_id(obj.modifiers[splat_nodes.MODIFIER_NAME].node_group, "Pixel Angle")}"]')
+        splat_nodes.set_modifier_input(obj, "Pixel Angle", 0.0)
+
+
+def causes(job: Path, work: Path, size: int, samples: int, variants=CAUSE_VARIANTS, views=VIEWS) -> list[dict]:
+    """PSNR on white / colour difference / IoU of each CAUSE_VARIANTS row at every view; the deterministic rows
+    with 1 sample, the noise rows with ``samples``."""
+    bpy = _bpy()
+
+    rows = []
+    for i, (label, change) in enumerate(variants):
+        look = {**FINAL_LOOK, **change}
+        spp = samples if label in NOISE_CAUSES else 1
+        for frame, el, az in views:
+            clean(bpy)
+            ensure_camera(bpy.context.scene)
+            bpy.ops.stag4d.import_job(directory=str(job))
+            scene = bpy.context.scene
+            apply_look(scene, scene.stag4d.jobs[0].gaussians, look)
+            res = render_and_compare(job, scene, frame, size, spp, el, az, work / f"cause_{i}_{frame}.png")
+            rows.append({"variant": label, "samples": spp, "frame": frame, "elevation": el, "azimuth": az,
+                         **{k: res[k] for k in ("psnr_white", "rgb_diff", "iou", "render_s")}})
+            print(f"{label} | {spp} spp | frame {frame} el {el} az {az} | PSNR {res['psnr_white']:.2f} dB | "
+                  f"|rgb| {res['rgb_diff']:.1f} | IoU {res['iou']:.3f} | {res['render_s']:.1f} s", flush=True)
+    return rows
+
+
+def _straight_uint8(rgb_premul, alpha) -> np.ndarray:
+    a = np.clip(alpha, 0.0, 1.0)
+    rgb = np.where(a[..., None] > 1e-6, rgb_premul / np.maximum(a, 1e-6)[..., None], 0.0)
+    return (np.concatenate([np.clip(rgb, 0, 1), a[..., None]], -1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _blackman_harris_weights(width_px: float, factor: int) -> np.ndarray:
+    """Cycles' pixel filter (Blackman-Harris over [-width/2, width/2]) sampled at ``factor`` sub-pixels per pixel."""
+    n = max(1, int(round(width_px * factor)))
+    x = (np.arange(n) + 0.5) / n  # 0..1 over the filter's support
+    w = 0.35875 - 0.48829 * np.cos(2 * np.pi * x) + 0.14128 * np.cos(4 * np.pi * x) - 0.01168 * np.cos(6 * np.pi * x)
+    return w / w.sum()
+
+
+def simulated_causes(job: Path, size: int, views=VIEWS) -> list[dict]:
+    """The causes the backend's own rasteriser can reproduce in isolation, each alone against the reference render
+    (same camera, frame, resolution): blending in linear light instead of sRGB values; Cycles' 1.5 px
+    Blackman-Harris pixel filter instead of one sample at the pixel centre (rendered at 4x and filtered); the
+    0.3 px^2 blur applied as an isotropic 3D variance (the node group's way) instead of in screen space; the 0.99
+    alpha cap of the old material. No Blender involved: a pure measure of each cause's share."""
+    import torch
+
+    from stag4d_backend.export.frames import srgb_to_linear
+    from stag4d_backend.fitted import load_fitted
+    from stag4d_backend.render import composite_torch
+    from stag4d_backend.render.cameras import OrbitCamera, to_torch
+    from stag4d_backend.render.rasterize import rasterize
+
+    animated, _ = load_fitted(model_dir(job))
+    rows = []
+    for frame, el, az in views:
+        orbit = OrbitCamera(elevation=el, azimuth=az, size=size)
+        g = animated.at_frame(frame, to_torch(orbit.position))
+
+        def render(colors=None, scales=None, eps2d=0.3, scale=1, backend="auto"):
+            K = orbit.K.copy()
+            K[:2] *= scale
+            res = rasterize(g.means, g.quats, g.scales if scales is None else scales, g.opacities,
+                            g.colors if colors is None else colors, to_torch(orbit.viewmat), to_torch(K),
+                            size * scale, size * scale, (0.0, 0.0, 0.0), eps2d=eps2d, backend=backend)
+            return res.rgb.numpy().astype(np.float64), res.alpha.numpy().astype(np.float64)
+
+        ref = _straight_uint8(*render())
+        out = {}
+        lin = torch.as_tensor(srgb_to_linear(g.colors.numpy()))
+        rgb, a = render(colors=lin)
+        straight = np.where(a[..., None] > 1e-6, rgb / np.maximum(a, 1e-6)[..., None], 0.0)
+        enc = np.where(straight <= 0.0031308, 12.92 * straight, 1.055 * np.power(np.clip(straight, 0, None), 1 / 2.4)
+                       - 0.055)
+        out["linear-light blending"] = _straight_uint8(enc * a[..., None], a)
+        f = 4  # Cycles' default pixel filter: 4x supersampled, Blackman-Harris 1.5 px, separable
+        rgb, a = render(eps2d=0.3 * f * f, scale=f)
+        w = _blackman_harris_weights(1.5, f)
+        prem = np.concatenate([rgb, a[..., None]], -1)
+        pad = len(w) // 2
+        for axis in (0, 1):
+            prem = np.apply_along_axis(lambda v: np.convolve(np.pad(v, pad, mode="edge"), w, mode="valid"), axis,
+                                       prem)
+        centre = np.arange(size) * f + f // 2
+        prem = prem[: size * f, : size * f][np.ix_(centre, centre)] if prem.shape[0] >= size * f else prem
+        out["1.5 px pixel filter"] = _straight_uint8(prem[..., :3], prem[..., 3])
+        pixel_angle = 2.0 * math.tan(math.radians(orbit.fovy) / 2.0) / size
+        dist = torch.linalg.norm(g.means - to_torch(orbit.position), dim=-1, keepdim=True)
+        blurred = torch.sqrt(g.scales ** 2 + 0.3 * (pixel_angle * dist) ** 2)
+        out["0.3 px blur as 3D variance"] = _straight_uint8(*render(scales=blurred, eps2d=0.0))
+        saved = composite_torch.MAX_ALPHA
+        composite_torch.MAX_ALPHA = 0.99
+        try:
+            out["alpha cap 0.99"] = _straight_uint8(*render(backend="torch"))
+        finally:
+            composite_torch.MAX_ALPHA = saved
+        for name, img in out.items():
+            rows.append({"cause": name, "frame": frame, "elevation": el, "azimuth": az, **fidelity(ref, img)})
+    return rows
+
+
+def fidelity_table(job: Path, work: Path, size: int, samples: list[int], engines: list[str],
+                   out_dir: Path | None) -> list[dict]:
+    """The add-on's display as imported (and the exact display) against the backend render, per engine and
+    sample count, at every view; a picture sheet per engine (backend | Blender | alpha difference)."""
+    bpy = _bpy()
+    from PIL import Image
+
+    from blender_addon import state
+
+    rows = []
+    for engine in engines:
+        for spp in samples:
+            sheet, labels = [], []
+            for frame, el, az in VIEWS:
+                clean(bpy)
+                ensure_camera(bpy.context.scene)
+                bpy.ops.stag4d.import_job(directory=str(job))
+                scene = bpy.context.scene
+                if engine == "EXACT":
+                    import threading
+
+                    scene.render.resolution_x = scene.render.resolution_y = size
+                    from stag4d_backend.render.cameras import OrbitCamera
+
+                    ensure_camera(scene, OrbitCamera(elevation=el, azimuth=az, size=size))
+                    item = scene.stag4d.jobs[0]
+                    t0 = time.perf_counter()
+                    bpy.ops.stag4d.exact_display(key=item.key)
+                    for t in threading.enumerate():
+                        if t.name.startswith("stag4d-exact"):
+                            t.join()
+                    state.process_updates()
+                    backend_s = time.perf_counter() - t0
+                png = work / f"fid_{engine}_{spp}_{frame}.png"
+                res = render_and_compare(job, scene, frame, size, spp, el, az, png,
+                                         engine="CYCLES" if engine == "EXACT" else engine)
+                if engine == "EXACT":
+                    res["render_s"] += backend_s / (scene.frame_end - scene.frame_start + 1)
+                rows.append({"engine": engine, "samples": spp, "frame": frame, "elevation": el, "azimuth": az,
+                             **{k: res[k] for k in ("psnr_white", "rgb_diff", "iou", "render_s")}})
+                print(f"{engine} | {spp} spp | frame {frame} el {el} az {az} | PSNR {res['psnr_white']:.2f} dB | "
+                      f"|rgb| {res['rgb_diff']:.1f} | IoU {res['iou']:.3f} | {res['render_s']:.1f} s", flush=True)
+                sheet.append(np.array(Image.open(png)))
+                labels.append(f"frame {frame}, el {el:g}, az {az:g}: PSNR {res['psnr_white']:.1f} dB, "
+                              f"|rgb| {res['rgb_diff']:.1f}")
+            if out_dir is not None:
+                name = {"CYCLES": f"Cycles {spp} spp", "EXACT": "exact display"}.get(engine, f"EEVEE {spp} spp")
+                titles = ["backend", f"Blender: {name}", "alpha difference"]  # short: narrow columns
+                Image.fromarray(_captioned(sheet, titles, labels)).save(
+                    out_dir / f"blender_fidelity_{engine.lower()}_{spp}.png")
+    return rows
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gaussians", type=int, nargs="+", default=[50000])
@@ -278,8 +514,30 @@ def main() -> None:
     ap.add_argument("--pictures", type=Path, help="write docs pictures into this folder instead of timing")
     ap.add_argument("--eevee", action="store_true", help="with --pictures: also an EEVEE render (minutes here)")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--fit", type=Path, help="fidelity on this job or fit folder (baked: bake/gaussians.usdc)")
+    ap.add_argument("--size", type=int, default=96, help="with --fit: render size")
+    ap.add_argument("--samples", type=int, nargs="+", default=[1, 64], help="with --fit: sample counts")
+    ap.add_argument("--engines", nargs="+", default=["CYCLES", "EXACT"],
+                    help="with --fit: CYCLES, BLENDER_EEVEE (software OpenGL here: slow), EXACT")
+    ap.add_argument("--causes", action="store_true", help="with --fit: each cause of the difference undone alone")
+    ap.add_argument("--out", type=Path, help="with --fit: write the picture sheets here")
+    ap.add_argument("--render", type=int, nargs=2, metavar=("SIZE", "SAMPLES"),
+                    help="also time a Cycles render (CPU, 2 threads) of frame 0 of each set, as imported")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="stag4d-blbench-"))
+    if args.fit:
+        print(f"CPU: {_cpu_model()}; load before: {os.getloadavg()[0]:.1f}")
+        if args.causes:
+            for r in simulated_causes(args.fit, args.size):
+                print(f"backend alone | {r['cause']} | frame {r['frame']} | PSNR {r['psnr_white']:.2f} dB | "
+                      f"|rgb| {r['rgb_diff']:.2f} | IoU {r['iou']:.3f}", flush=True)
+            causes(args.fit, work, args.size, max(args.samples))
+        else:
+            if args.out:
+                args.out.mkdir(parents=True, exist_ok=True)
+            fidelity_table(args.fit, work, args.size, args.samples, args.engines, args.out)
+        print(f"load after: {os.getloadavg()[0]:.1f}")
+        return
     if args.pictures:
         args.pictures.mkdir(parents=True, exist_ok=True)
         pictures(args.pictures, work, args.eevee)
@@ -292,7 +550,10 @@ def main() -> None:
         r = time_job(job, args.frames, args.repeats)
         size = (job / "bake" / "gaussians.usdc").stat().st_size / 1e6
         print(f"| {n:,} | {args.frames} | {size:.1f} | {r['import_s']:.3f} | {r['frame_ms']:.1f} / "
-              f"{r['frame_p90_ms']:.1f} | {r['points_frame_ms']:.1f} |", flush=True)
+              f"{r['frame_p90_ms']:.1f} | {r['points_frame_ms']:.1f} | load {os.getloadavg()[0]:.1f}", flush=True)
+        if args.render:
+            print(f"Cycles {args.render[0]} px, {args.render[1]} spp, {n:,} splats: "
+                  f"{time_render(job, *args.render):.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":

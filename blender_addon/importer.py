@@ -21,7 +21,7 @@ from . import compat, splat_nodes
 ROLE = "stag4d_role"
 JOB = "stag4d_job"
 MESH_MATERIAL = "STAG4D mesh"
-CYCLES_TRANSPARENT_BOUNCES = 128  # the default 8 turns overlapping splats black where rays run out
+CYCLES_TRANSPARENT_BOUNCES = 1024  # Blender's most; 8 (default) or 128 turn dense splats dark where rays run out
 
 
 class ImportError_(RuntimeError):
@@ -146,14 +146,21 @@ def set_frame_range_and_fps(scene, frames: int | None, fps: float | None) -> Non
         scene.render.fps, scene.render.fps_base = whole, whole / float(fps)
 
 
-def configure_render(scene, standard_colors: bool = True) -> None:
-    if hasattr(scene, "cycles") and scene.cycles.transparent_max_bounces < CYCLES_TRANSPARENT_BOUNCES:
-        scene.cycles.transparent_max_bounces = CYCLES_TRANSPARENT_BOUNCES
+def configure_render(scene, standard_colors: bool = True, backend_look: bool = False) -> None:
+    """Cycles: enough transparent bounces for every splat a ray crosses (each is two surfaces; where they run
+    out the ray stops and the pixel goes dark) and no Russian roulette on them (it ends rays at random: grain).
+    Colours: the Standard view transform, and with ``backend_look`` the rasteriser's sRGB-value blending."""
+    if hasattr(scene, "cycles"):
+        cyc = scene.cycles
+        cyc.transparent_max_bounces = max(cyc.transparent_max_bounces, CYCLES_TRANSPARENT_BOUNCES)
+        cyc.min_transparent_bounces = max(cyc.min_transparent_bounces, cyc.transparent_max_bounces)
     if standard_colors:
         try:
             scene.view_settings.view_transform = "Standard"
         except TypeError:  # an OCIO config without "Standard": leave it
             pass
+    if backend_look:
+        scene.stag4d.backend_look = True  # its update switches the material and the view transform
 
 
 def _mesh_material() -> bpy.types.Material:
@@ -182,7 +189,7 @@ def setup_gaussians(obj, scene, job_key: str = "", points: bool = False) -> None
 
 def import_job(directory: str | Path, scene=None, *, name: str | None = None, mesh: bool = False,
                points: bool = False, job_key: str = "", set_scene: bool = True, standard_colors: bool = True,
-               collection=None, gaussians=None) -> ImportResult:
+               backend_look: bool = False, collection=None, gaussians=None) -> ImportResult:
     """Import a finished job folder. ``gaussians``: an existing splat object (e.g. the live preview) to repoint
     at the final cache instead of importing a second copy."""
     scene = scene or bpy.context.scene
@@ -234,7 +241,7 @@ def import_job(directory: str | Path, scene=None, *, name: str | None = None, me
     fps = manifest.get("fps")
     if set_scene:
         set_frame_range_and_fps(scene, frames, fps)
-        configure_render(scene, standard_colors)
+        configure_render(scene, standard_colors, backend_look)
     collection["stag4d_dir"] = str(job_dir)
     timings["total"] = time.perf_counter() - t0
     return ImportResult(collection, gaussians, mesh_obj, fps, frames, timings, notes)

@@ -199,7 +199,8 @@ class STAG4D_OT_import_job(bpy.types.Operator):
             job_dir = importer.resolve_job_dir(directory)
             res = importer.import_job(job_dir, scene, name=item.name if item else None, mesh=mesh,
                                       points=self.points, job_key=item.key if item else "",
-                                      standard_colors=get_prefs().standard_colors, **reuse)
+                                      standard_colors=get_prefs().standard_colors,
+                                      backend_look=get_prefs().backend_look, **reuse)
         except importer.ImportError_ as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
@@ -239,6 +240,48 @@ class STAG4D_OT_match_camera(bpy.types.Operator):
             self.report({"ERROR"}, "Import the job first")
             return {"CANCELLED"}
         splat_nodes.drive_pixel_angle(obj, context.scene)
+        return {"FINISHED"}
+
+
+class STAG4D_OT_exact_display(bpy.types.Operator):
+    """Render the splats with the backend's own rasteriser through the scene camera for every frame of the scene
+    and composite them over the scene by depth (exact colours; F12 and Render Animation use it). Run it again
+    after changing the camera, its lens or the resolution"""
+
+    bl_idname = "stag4d.exact_display"
+    bl_label = "Exact Display"
+    bl_options = {"REGISTER"}
+    key: StringProperty(options={"SKIP_SAVE", "HIDDEN"})
+    remove: BoolProperty(default=False, options={"SKIP_SAVE"},
+                         description="Back to the splat object's own display (removes the compositor nodes)")
+
+    def execute(self, context):
+        from . import exact_display
+        from .backend.client import BackendError
+        from .backend.server_process import find_backend_command
+
+        item = _item(context, self.key)
+        obj = item.gaussians if item is not None else None
+        if obj is None or item.collection is None:
+            self.report({"ERROR"}, "Import the job first")
+            return {"CANCELLED"}
+        scene = context.scene
+        if self.remove:
+            exact_display.remove_compositor(scene, obj)
+            item.message = "Exact display off: the splat object renders itself again"
+            return {"FINISHED"}
+        job_dir = Path(item.collection.get("stag4d_dir", "") or item.directory)
+        try:
+            command = find_backend_command(bpy.path.abspath(get_prefs().python_path or ""))
+            manifest = importer.read_manifest(job_dir / "bake")
+            views = exact_display.views_for_scene(scene, obj, manifest.get("frame_values"))
+        except (BackendError, exact_display.ExactDisplayError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        out = job_dir / exact_display.FOLDER / bpy.path.clean_name(scene.camera.name)
+        exact_display.ExactRender(item.key, command, exact_display.model_dir(job_dir), views, out).start()
+        item.error = ""
+        item.message = f"Exact display: the backend renders {len(views)} frames..."
         return {"FINISHED"}
 
 
@@ -394,6 +437,6 @@ class STAG4D_OT_export_spz(_ExportSequence, bpy.types.Operator):
 
 
 classes = (STAG4D_OT_generate, STAG4D_OT_cancel, STAG4D_OT_resume, STAG4D_OT_import_job, STAG4D_OT_match_camera,
-           STAG4D_OT_open_folder,
+           STAG4D_OT_exact_display, STAG4D_OT_open_folder,
            STAG4D_OT_remove_job, STAG4D_OT_connect, STAG4D_OT_stop_server, STAG4D_OT_export_usd,
            STAG4D_OT_export_alembic, STAG4D_OT_export_gltf, STAG4D_OT_export_spz)

@@ -177,6 +177,16 @@ class STAG4D_PT_job(bpy.types.Panel):
             row.label(text=f"Blur sized for: {bound or 'default camera'}", icon="CAMERA_DATA")
             op = row.operator("stag4d.match_camera", text="", icon="FILE_REFRESH")
             op.key = item.key
+            row = box.row(align=True)
+            row.prop(context.scene.stag4d, "backend_look")
+            row = box.row(align=True)
+            exact = bool(context.scene.get("stag4d_exact_folder"))
+            op = row.operator("stag4d.exact_display", text="Exact Display (backend render)" if not exact
+                              else "Re-render Exact Display", icon="RENDER_RESULT")
+            op.key = item.key
+            if exact:
+                op = row.operator("stag4d.exact_display", text="", icon="X")
+                op.key, op.remove = item.key, True
         if item.collection is not None:
             row = layout.row(align=True)
             op = row.operator("stag4d.export_usd", text="USD", icon="EXPORT")

@@ -50,6 +50,12 @@ class STAG4D_AddonPreferences(bpy.types.AddonPreferences):
         name="Standard View Transform", default=True,
         description="On import, set the scene's view transform to Standard so splat colours match the backend's "
                     "renders (AgX and Filmic desaturate them)")
+    backend_look: BoolProperty(
+        name="Match the Backend Render", default=True,
+        description="On import, make the splats render as the backend's rasteriser does: overlapping splats "
+                    "blended in sRGB values (sRGB emission, Raw view transform) and one sample at each pixel "
+                    "centre (Cycles pixel filter 0.01 px). Other lit objects then show linear, aliased colours: "
+                    "switch it off in the panel for mixed scenes, or use the Exact Display")
 
     def draw(self, context):
         layout = self.layout
@@ -64,6 +70,7 @@ class STAG4D_AddonPreferences(bpy.types.AddonPreferences):
         layout.prop(self, "results_dir")
         layout.prop(self, "live_preview")
         layout.prop(self, "standard_colors")
+        layout.prop(self, "backend_look")
 
 
 class _Defaults:
@@ -78,6 +85,7 @@ class _Defaults:
     results_dir = DEFAULT_RESULTS
     live_preview = True
     standard_colors = True
+    backend_look = True
 
 
 _FALLBACK = _Defaults()

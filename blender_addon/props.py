@@ -47,6 +47,12 @@ class STAG4D_JobItem(bpy.types.PropertyGroup):
     mesh: PointerProperty(type=bpy.types.Object)
 
 
+def _backend_look_update(self, context):
+    from . import splat_nodes
+
+    splat_nodes.set_display_space_blending(self.id_data, self.backend_look)
+
+
 class STAG4D_SceneSettings(bpy.types.PropertyGroup):
     input_kind: EnumProperty(name="Input", items=INPUT_KINDS, default="VIDEO")
     video_path: StringProperty(name="Video", subtype="FILE_PATH")
@@ -74,6 +80,12 @@ class STAG4D_SceneSettings(bpy.types.PropertyGroup):
                                         "glTF export")
     bake_spz: BoolProperty(name="SPZ", default=False,
                            description="Also bake an .spz per frame (Niantic SPZ, for web viewers) for the SPZ export")
+    backend_look: BoolProperty(
+        name="Match the Backend Render", default=False, update=_backend_look_update,
+        description="Render the splats as the backend's rasteriser does: blended in sRGB values (sRGB "
+                    "emission, Raw view transform) and sampled at pixel centres (Cycles pixel filter 0.01 px: "
+                    "deterministic, 1 sample is enough). Off: linear-light blending, the scene's own view "
+                    "transform and pixel filter")
     jobs: CollectionProperty(type=STAG4D_JobItem)
     active_job: IntProperty(name="Job", default=0, min=0)
     status: StringProperty(description="Backend status line (not tied to one job)")

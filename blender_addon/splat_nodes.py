@@ -32,15 +32,22 @@ SPLAT_MATERIAL = "STAG4D splat"
 POINTS_MATERIAL = "STAG4D points"
 # Bump when the node graph changes: an older group in a saved .blend is rebuilt instead of reused.
 # 3: the square root of the scales per component (Math nodes), which Blender 4.2 has, instead of Vector Math POWER.
-VERSION = 3
+# 4: the alpha cap 0.999 (the rasteriser's), the display-space colour switch in the splat material.
+# 5: a camera-facing square through each Gaussian's centre instead of an ico sphere (one crossing per ray, at the
+#    centre's depth: the rasteriser's order; 2 triangles instead of 80).
+VERSION = 6  # 6: the turn computed from the instance matrix (cheaper frame change)
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
-DEFAULT_DETAIL = 2          # ico sphere subdivisions: 80 triangles per Gaussian
-# Distance of the closest face from the centre of Blender's unit ico sphere, by subdivisions 1..4: the sphere
-# is scaled by 1/this so that its faces lie outside Extent sigmas (an icosahedron's faces are at 0.79 of its
-# radius and would clip the Gaussians' tails, thinning sparse silhouettes).
-ICO_INRADIUS = (0.7946, 0.9342, 0.9822, 0.9955)
+# The camera-facing square is a little wider than 2 x Extent: seen in perspective from a finite distance, the
+# Extent-sigma sphere's outline reaches slightly beyond its centre plane's circle of radius Extent.
+QUAD_MARGIN = 1.05
 DEFAULT_MIN_OPACITY = 1.0 / 255.0
+MAX_ALPHA = 0.999           # the rasteriser's cap on one Gaussian's alpha
+# The splat material's switch between linear emission (blends in linear light, like any Blender material) and
+# sRGB-encoded emission (with the scene's display-space blending set-up: blends the sRGB values the way the
+# backend's rasteriser does; see set_display_space_blending).
+DISPLAY_SPACE_NODE = "stag4d display space"
+PIXEL_CENTRE_FILTER = 0.01  # Cycles' smallest pixel filter width: samples at the pixel centre, as the rasteriser
 # The backend's rasteriser (gsplat "classic") adds 0.3 px^2 to every projected covariance: thin Gaussians show at
 # least about half a pixel wide. Adding the same variance isotropically in 3D, sigma_d = sqrt(0.3) x (the angle of
 # one pixel) x (distance to the camera), gives the same blur (an isotropic term commutes with the rotation, so the
@@ -118,16 +125,14 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     color.location = (-400, 450)
 
     alpha = _math(nodes, "MULTIPLY", 0, 0, gauss, opacity.outputs["Fac"], links=links)
-    alpha = _math(nodes, "MINIMUM", 150, 0, alpha, 0.99, links=links)
+    alpha = _math(nodes, "MINIMUM", 150, 0, alpha, MAX_ALPHA, links=links)
     # Below 1/255 the backend drops the Gaussian's contribution; doing the same keeps the silhouettes equal.
     keep = _math(nodes, "GREATER_THAN", 150, -150, alpha, DEFAULT_MIN_OPACITY, links=links)
     alpha = _math(nodes, "MULTIPLY", 300, 0, alpha, keep, links=links)
-    front = _math(nodes, "SUBTRACT", 150, -300, 1.0, geom.outputs["Backfacing"], links=links)
-    alpha = _math(nodes, "MULTIPLY", 450, 0, alpha, front, links=links)
 
     emit = nodes.new("ShaderNodeEmission")
     emit.location = (300, 300)
-    links.new(color.outputs["Color"], emit.inputs["Color"])
+    links.new(_display_space_switch(nodes, links, color.outputs["Color"]), emit.inputs["Color"])
     emit.inputs["Strength"].default_value = 1.0
     clear = nodes.new("ShaderNodeBsdfTransparent")
     clear.location = (300, 150)
@@ -142,6 +147,45 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     _transparent_settings(mat)
     mat["stag4d_version"] = VERSION
     return mat
+
+
+def _srgb_encode(nodes, links, value, x, y):
+    """The sRGB transfer function of one channel: 12.92 c below 0.0031308, else 1.055 c^(1/2.4) - 0.055."""
+    low = _math(nodes, "MULTIPLY", x, y, value, 12.92, links=links)
+    power = _math(nodes, "POWER", x, y - 60, _math(nodes, "MAXIMUM", x - 100, y - 60, value, 0.0, links=links),
+                  1.0 / 2.4, links=links)
+    high = _math(nodes, "MULTIPLY_ADD", x + 100, y - 60, power, 1.055, links=links)
+    high.node.inputs[2].default_value = -0.055
+    above = _math(nodes, "GREATER_THAN", x + 100, y + 60, value, 0.0031308, links=links)
+    mix = nodes.new("ShaderNodeMix")
+    mix.data_type = "FLOAT"
+    mix.location = (x + 250, y)
+    links.new(above, mix.inputs["Factor"])
+    links.new(low, mix.inputs[2])
+    links.new(high, mix.inputs[3])
+    return mix.outputs[0]
+
+
+def _display_space_switch(nodes, links, color):
+    """``color`` (linear) or its sRGB encoding, chosen by the Value node DISPLAY_SPACE_NODE (0 or 1)."""
+    sep = nodes.new("ShaderNodeSeparateColor")
+    sep.location = (-400, 700)
+    links.new(color, sep.inputs[0])
+    comb = nodes.new("ShaderNodeCombineColor")
+    comb.location = (150, 700)
+    for i in range(3):
+        links.new(_srgb_encode(nodes, links, sep.outputs[i], -250, 800 - 200 * i), comb.inputs[i])
+    switch = nodes.new("ShaderNodeValue")
+    switch.name = switch.label = DISPLAY_SPACE_NODE
+    switch.outputs[0].default_value = 0.0
+    switch.location = (150, 550)
+    mix = nodes.new("ShaderNodeMix")
+    mix.data_type = "RGBA"
+    mix.location = (300, 550)
+    links.new(switch.outputs[0], mix.inputs["Factor"])
+    links.new(color, mix.inputs[6])
+    links.new(comb.outputs[0], mix.inputs[7])
+    return mix.outputs[2]
 
 
 def build_points_material(name: str = POINTS_MATERIAL) -> bpy.types.Material:
@@ -197,8 +241,6 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
             description="Show plain points instead of ellipsoid splats (lighter, for big sets)")
     _socket(ng, "Extent", "INPUT", "NodeSocketFloat", DEFAULT_EXTENT, 0.5, 6.0,
             description="Size of each splat's ellipsoid in standard deviations")
-    _socket(ng, "Detail", "INPUT", "NodeSocketInt", DEFAULT_DETAIL, 1, 4,
-            description="Subdivisions of the sphere each splat is drawn with")
     _socket(ng, "Min Opacity", "INPUT", "NodeSocketFloat", DEFAULT_MIN_OPACITY, 0.0, 1.0,
             description="Skip Gaussians fainter than this")
     _socket(ng, "Point Size", "INPUT", "NodeSocketFloat", 1.0, 0.0, 10.0,
@@ -233,28 +275,21 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     links.new(opacity, visible.inputs[0])
     links.new(gin.outputs["Min Opacity"], visible.inputs[1])
 
-    inradius = nodes.new("GeometryNodeIndexSwitch")
-    inradius.data_type = "FLOAT"
-    inradius.location = (-700, 350)
-    while len(inradius.index_switch_items) < len(ICO_INRADIUS) + 1:
-        inradius.index_switch_items.new()
-    inradius.inputs[1].default_value = ICO_INRADIUS[0]  # index 0 is not a valid detail; treat it as 1
-    for i, r in enumerate(ICO_INRADIUS):
-        inradius.inputs[i + 2].default_value = r
-    links.new(gin.outputs["Detail"], inradius.inputs["Index"])
-    radius_n = nodes.new("ShaderNodeMath")
-    radius_n.operation = "DIVIDE"
-    radius_n.location = (-500, 350)
-    links.new(gin.outputs["Extent"], radius_n.inputs[0])
-    links.new(inradius.outputs[0], radius_n.inputs[1])
-
-    ico = nodes.new("GeometryNodeMeshIcoSphere")
-    ico.location = (-350, 200)
-    links.new(radius_n.outputs[0], ico.inputs["Radius"])
-    links.new(gin.outputs["Detail"], ico.inputs["Subdivisions"])
+    # One square per Gaussian, 2 x Extent sigmas wide, in the instance's own (unit-Gaussian) space; turned below
+    # to face the camera, it holds the plane through the Gaussian's centre across the viewing ray.
+    quad = nodes.new("GeometryNodeMeshGrid")
+    quad.location = (-350, 200)
+    quad.inputs["Vertices X"].default_value = quad.inputs["Vertices Y"].default_value = 2
+    side = nodes.new("ShaderNodeMath")
+    side.operation = "MULTIPLY"
+    side.location = (-550, 350)
+    links.new(gin.outputs["Extent"], side.inputs[0])
+    side.inputs[1].default_value = 2.0 * QUAD_MARGIN
+    links.new(side.outputs[0], quad.inputs["Size X"])
+    links.new(side.outputs[0], quad.inputs["Size Y"])
     ico_mat = nodes.new("GeometryNodeSetMaterial")
     ico_mat.location = (-150, 200)
-    links.new(ico.outputs["Mesh"], ico_mat.inputs["Geometry"])
+    links.new(quad.outputs["Mesh"], ico_mat.inputs["Geometry"])
     links.new(gin.outputs["Splat Material"], ico_mat.inputs["Material"])
 
     # Point attributes (displayColor, opacity, ...) become instance attributes: the material reads them
@@ -265,7 +300,9 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     links.new(visible.outputs[0], inst.inputs["Selection"])
     links.new(ico_mat.outputs["Geometry"], inst.inputs["Instance"])
     links.new(orient, inst.inputs["Rotation"])
-    links.new(_blurred_scales(nodes, links, gin, scales), inst.inputs["Scale"])
+    blurred, cam_loc = _blurred_scales(nodes, links, gin, scales)
+    links.new(blurred, inst.inputs["Scale"])
+    facing = _face_camera(nodes, links, inst.outputs["Instances"], cam_loc)
 
     pts_mat = nodes.new("GeometryNodeSetMaterial")
     pts_mat.location = (100, -300)
@@ -285,7 +322,7 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     switch.input_type = "GEOMETRY"
     switch.location = (500, 0)
     links.new(gin.outputs["Points"], switch.inputs["Switch"])
-    links.new(inst.outputs["Instances"], switch.inputs["False"])
+    links.new(facing, switch.inputs["False"])
     links.new(set_radius.outputs["Points"], switch.inputs["True"])
     links.new(switch.outputs["Output"], gout.inputs["Geometry"])
 
@@ -334,7 +371,42 @@ def _blurred_scales(nodes, links, gin, scales):
     add.location = (-150, -700)
     links.new(sq.outputs["Vector"], add.inputs[0])
     links.new(var_px.outputs[0], add.inputs[1])
-    return _vector_sqrt(nodes, links, add.outputs["Vector"], 0, -700)
+    return _vector_sqrt(nodes, links, add.outputs["Vector"], 0, -700), info.outputs["Location"]
+
+
+def _face_camera(nodes, links, instances, cam_loc):
+    """Turn each square, in its instance's own space (after the Gaussian's rotation and scale, where the Gaussian
+    is the unit normal distribution), so that its normal points at the camera: there the camera is at
+    M^-1 camera, M the instance matrix (T R S). A rotation Q in that space leaves the Gaussian as it is (M Q
+    (M Q)^T = M M^T); the square now lies across every camera ray through the splat, through the point of the
+    Gaussian's highest density along the ray. Reading M back (Instance Transform) instead of recomputing R and
+    the blurred S keeps a frame change cheap."""
+    current = nodes.new("GeometryNodeInstanceTransform")
+    current.location = (450, -1150)
+    inverse = nodes.new("FunctionNodeInvertMatrix")
+    inverse.location = (600, -1150)
+    links.new(current.outputs[0], inverse.inputs[0])
+    local = nodes.new("FunctionNodeTransformPoint")
+    local.location = (750, -1000)
+    links.new(cam_loc, local.inputs["Vector"])
+    links.new(inverse.outputs["Matrix"], local.inputs["Transform"])
+    align = nodes.new("FunctionNodeAlignRotationToVector")
+    align.axis = "Z"
+    align.location = (900, -1000)
+    links.new(local.outputs[0], align.inputs["Vector"])
+    # M x Q: Rotate Instances in local space would turn about the scaled axes instead.
+    q = nodes.new("FunctionNodeCombineTransform")
+    q.location = (1050, -1000)
+    links.new(align.outputs[0], q.inputs["Rotation"])
+    product = nodes.new("FunctionNodeMatrixMultiply")
+    product.location = (1200, -1000)
+    links.new(current.outputs[0], product.inputs[0])
+    links.new(q.outputs[0], product.inputs[1])
+    turn = nodes.new("GeometryNodeSetInstanceTransform")
+    turn.location = (1350, -800)
+    links.new(instances, turn.inputs["Instances"])
+    links.new(product.outputs[0], turn.inputs["Transform"])
+    return turn.outputs["Instances"]
 
 
 def _vector_sqrt(nodes, links, vec, x, y):
@@ -385,6 +457,42 @@ def drive_pixel_angle(obj, scene, camera=None) -> None:
     obj["stag4d_camera"] = camera.name if camera is not None else ""
 
 
+def set_display_space_blending(scene, enabled: bool) -> None:
+    """Render the splats as the backend's rasteriser does, or as Blender renders anything else.
+
+    The rasteriser composites sRGB colour values; Blender composites linear light and encodes to sRGB after, so
+    overlapping translucent splats of different colours come out lighter (a 50/50 mix of black and white is
+    188/255 in Blender, 128 in the backend). On: the splat material emits the sRGB-encoded colour and the scene's
+    view transform becomes "Raw" (no display encoding), so the blend happens on the sRGB values, as in the
+    rasteriser. Cycles' pixel filter becomes 0.01 px: every sample goes through the pixel centre, where the
+    rasteriser evaluates its pixels (with no Russian roulette on transparent bounces, configure_render, the
+    splats are then deterministic: 1 sample gives the image 64 give). Off: linear emission and the view
+    transform and filter the scene had before. Both settings are the whole scene's: other lit objects then
+    show linear values (darker) without anti-aliasing; for mixed scenes switch this off or use the exact
+    display (exact_display.py)."""
+    mat = bpy.data.materials.get(SPLAT_MATERIAL)
+    if mat is not None and mat.node_tree is not None:
+        node = mat.node_tree.nodes.get(DISPLAY_SPACE_NODE)
+        if node is not None:
+            node.outputs[0].default_value = 1.0 if enabled else 0.0
+    view = scene.view_settings
+    cycles = getattr(scene, "cycles", None)
+    if enabled:
+        if view.view_transform != "Raw":
+            scene["stag4d_view_transform"] = view.view_transform
+        view.view_transform = "Raw"
+        view.look = "None"
+        if cycles is not None and cycles.filter_width > PIXEL_CENTRE_FILTER:
+            scene["stag4d_filter_width"] = cycles.filter_width
+            cycles.filter_width = PIXEL_CENTRE_FILTER
+    else:
+        if view.view_transform == "Raw":
+            view.view_transform = scene.get("stag4d_view_transform", "Standard")
+        if cycles is not None and cycles.filter_width <= PIXEL_CENTRE_FILTER:
+            cycles.filter_width = scene.get("stag4d_filter_width", 1.5)
+    scene["stag4d_display_space"] = bool(enabled)
+
+
 def add_splat_modifier(obj, points: bool = False) -> bpy.types.NodesModifier:
     """Add (or refresh) the "Gaussian splats" modifier at the end of ``obj``'s stack."""
     ng = build_node_group()
@@ -418,5 +526,5 @@ def set_points_display(obj, points: bool) -> None:
     set_modifier_input(obj, "Points", bool(points))
 
 
-__all__ = ["GROUP_NAME", "MODIFIER_NAME", "build_node_group", "build_splat_material", "build_points_material",
+__all__ = ["GROUP_NAME", "MODIFIER_NAME", "set_display_space_blending", "build_node_group", "build_splat_material", "build_points_material",
            "add_splat_modifier", "set_points_display", "set_modifier_input", "get_modifier_input"]

@@ -10,6 +10,7 @@ directly. Nothing here blocks: network and process work always runs on a thread.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 import traceback
 import uuid
 
@@ -167,6 +168,23 @@ def _apply(update: dict) -> None:
         item.error = update.get("message", "error")
     elif kind == "note":
         item.message = update.get("message", "")
+    elif kind == "exact":
+        _apply_exact(scene, item, update)
+
+
+def _apply_exact(scene, item, update: dict) -> None:
+    """Progress of the exact display's backend render; when it is done, the compositor set-up."""
+    from . import exact_display
+
+    if update.get("error"):
+        item.error = update["error"]
+        return
+    if update.get("folder"):
+        first, count = scene.frame_start, scene.frame_end - scene.frame_start + 1
+        exact_display.setup_compositor(scene, Path(update["folder"]), first, count, item.gaussians)
+        item.message = f"Exact display: {update['total']} frames by the backend's rasteriser, in the compositor"
+    else:
+        item.message = f"Exact display: the backend renders frame {update['done']} / {update['total']}"
 
 
 def _apply_job(item, job: dict) -> None:
@@ -260,7 +278,8 @@ def _apply_done(scene, item, directory: str) -> None:
     try:
         res = importer.import_job(directory, scene, name=item.name, mesh=item.import_mesh, job_key=item.key,
                                   collection=item.collection, gaussians=item.gaussians,
-                                  standard_colors=prefs.standard_colors)
+                                  standard_colors=prefs.standard_colors,
+                                  backend_look=prefs.backend_look)
     except Exception as exc:  # noqa: BLE001
         item.state = "finished"
         item.error = f"Import failed: {exc}"

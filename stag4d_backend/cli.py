@@ -62,6 +62,8 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cameras", help="JSON list of {index, frame, elevation, azimuth, radius, fovy, size}")
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--turntable", metavar="MP4", help="also write a turntable video to this path")
+    r.add_argument("--views", metavar="VIEWS.json", help="Blender cameras (4x4 in the splat object's space + K, "
+                   "width, height, frame): writes rgba_NNNN.png + 16-bit depth_NNNN.png (the add-on's exact path)")
 
     b = sub.add_parser("bake", help="bake per-frame Gaussians to USD / PLY / glTF / SPZ / mesh / preview "
                        "(OUT_DIR/bake)")
@@ -200,10 +202,17 @@ def _render(args) -> int:
     from .fitted import FittedModelError
     from .export.turntable import CamerasError, render_cameras, render_turntable
 
-    if not args.cameras and not args.turntable:
-        print("stag4d render: give --cameras CAMERAS.json and/or --turntable OUT.mp4", file=sys.stderr)
+    if not args.cameras and not args.turntable and not args.views:
+        print("stag4d render: give --cameras CAMERAS.json, --views VIEWS.json and/or --turntable OUT.mp4",
+              file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.views:
+            from .export.camera_views import render_views
+
+            written = render_views(args.out_dir, args.views, args.output,
+                                   on_view=lambda i, p: print(f"view {i} {p}", flush=True))
+            print(f"wrote {len(written)} views to {args.output}")
         if args.cameras:
             written = render_cameras(args.out_dir, args.cameras, args.output)
             print(f"wrote {len(written)} images to {args.output}")

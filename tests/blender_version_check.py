@@ -109,6 +109,18 @@ def run(args, res: dict, arrays: dict) -> None:
     bpy.ops.render.render(write_still=True)
     res["timings"]["render"] = time.perf_counter() - t
 
+    # The exact display's compositor on this release: the backend's RGBA + depth images (made by the test)
+    # composited over the scene by depth, the splat object hidden from the render.
+    if args.exact:
+        exact_display = import_module(MODULE + ".exact_display")
+        first, count = scene.frame_start, scene.frame_end - scene.frame_start + 1
+        exact_display.setup_compositor(scene, Path(args.exact), first, count, obj)
+        res["exact_hidden"] = obj.hide_render
+        scene.cycles.samples = 1
+        scene.frame_set(RENDER_FRAME)
+        scene.render.filepath = str(Path(args.out) / "render_exact.png")
+        bpy.ops.render.render(write_still=True)
+
     # Preferences > Backend: Remote, the server's address and token; then the panel's Connect button.
     prefs = bpy.context.preferences.addons[MODULE].preferences
     prefs.backend, prefs.remote_url = "REMOTE", args.server
@@ -134,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--token-file", required=True)
     ap.add_argument("--camera", required=True, help="JSON: {matrix: 4x4 camera-to-world (Blender), fovy: degrees}")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--exact", help="folder of rgba_NNNN.png + depth_NNNN.png (stag4d render --views) to composite")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,23 @@ def camera_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def exact_dir(job_dir, tmp_path_factory) -> Path:
+    """The exact display's images for every frame through CAMERA (stag4d render --views), as the add-on asks for
+    them: the camera in the imported splat object's space (the importer's +90 degrees about X)."""
+    from stag4d_backend.export.camera_views import render_views
+
+    obj = np.eye(4)
+    obj[:3, :3] = [[1, 0, 0], [0, 0, -1], [0, 1, 0]]
+    cam_in_obj = np.linalg.inv(obj) @ blender_camera_matrix(CAMERA)
+    views = [{"index": f, "frame": f, "camera_in_object": cam_in_obj.tolist(), "K": CAMERA.K.tolist(),
+              "width": CAMERA.size, "height": CAMERA.size} for f in range(4)]
+    folder = tmp_path_factory.mktemp("exact")
+    (folder / "views.json").write_text(json.dumps(views))
+    render_views(job_dir / "model", folder / "views.json", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def backend_view(job_dir) -> np.ndarray:
     """The backend's own render of the render frame through the same camera (RGBA uint8)."""
     animated, _ = load_fitted(job_dir / "model")
@@ -156,7 +173,8 @@ def expected_splats(ply: dict, object_matrix: np.ndarray, camera: np.ndarray, pi
 
 
 @pytest.mark.parametrize("series,wheel", releases(), ids=[s for s, _ in releases()])
-def test_addon_on_blender_release(series, wheel, addon_zip, job_dir, camera_file, backend_view, server, tmp_path):
+def test_addon_on_blender_release(series, wheel, addon_zip, job_dir, camera_file, backend_view, server, exact_dir,
+                                  tmp_path):
     python = release_python(series, wheel)
     if python is None:
         pytest.skip(f"no Blender {series} environment: run `bash install_scripts/install.sh --blender-versions "
@@ -169,7 +187,8 @@ def test_addon_on_blender_release(series, wheel, addon_zip, job_dir, camera_file
     out = tmp_path / "out"
     t0 = time.perf_counter()
     proc = subprocess.run([str(python), str(CHECK), "--zip", str(addon_zip), "--job", str(job_dir),
-                           "--camera", str(camera_file), "--server", server["url"], "--token-file", str(server["token_file"]), "--out", str(out)],
+                           "--camera", str(camera_file), "--server", server["url"], "--token-file", str(server["token_file"]), "--out", str(out),
+                           "--exact", str(exact_dir)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert (out / "result.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "result.json").read_text())
@@ -206,7 +225,12 @@ def test_addon_on_blender_release(series, wheel, addon_zip, job_dir, camera_file
     pixel_angle = res["pixel_angle"]  # driven from the camera's vertical field of view at 64 px
     assert pixel_angle == pytest.approx(2 * np.tan(np.radians(CAMERA.fovy) / 2) / CAMERA.size, rel=1e-5)
     expected = expected_splats(ply, arrays["object_matrix"], arrays["camera"], pixel_angle)
-    np.testing.assert_allclose(mats[:, :3, :3], expected, atol=1e-5)
+    # Each instance is the Gaussian's axes (R x blurred sigmas) times a turn in its own space that makes the
+    # square face the camera: the covariance A A^T is the Gaussian's, and the camera lies on the square's normal.
+    cov = mats[:, :3, :3] @ mats[:, :3, :3].transpose(0, 2, 1)
+    np.testing.assert_allclose(cov, expected @ expected.transpose(0, 2, 1), rtol=1e-4, atol=1e-9)
+    to_cam = np.linalg.solve(mats[:, :3, :3], (arrays["camera"] - mats[:, :3, 3])[..., None])[..., 0]
+    np.testing.assert_allclose(np.abs(to_cam[:, 2]) / np.linalg.norm(to_cam, axis=1), 1.0, atol=1e-5)
 
     # The 64x64 Cycles render shows the creature as the backend's rasteriser draws it through the same camera.
     img = np.asarray(Image.open(out / "render.png").convert("RGBA"))
@@ -218,6 +242,14 @@ def test_addon_on_blender_release(series, wheel, addon_zip, job_dir, camera_file
     rgb_diff = np.abs(img[..., :3].astype(int) - backend_view[..., :3].astype(int))[both].mean()
     print(f"Blender {series}: render IoU {iou:.3f} against the backend, mean |rgb| {rgb_diff:.1f} / 255")
     assert iou >= 0.85 and rgb_diff < 30
+
+    # The exact display's compositor (Alpha Over by depth) gives the backend's image back (8-bit rounding).
+    exact = np.asarray(Image.open(out / "render_exact.png").convert("RGBA")).astype(np.float64)
+    white = [x[..., :3] * x[..., 3:] / 255.0 + 255.0 * (1 - x[..., 3:] / 255.0)
+             for x in (exact, backend_view.astype(np.float64))]
+    psnr = 10 * np.log10(255.0 ** 2 / max(1e-12, np.mean((white[0] - white[1]) ** 2)))
+    print(f"Blender {series}: exact display PSNR {psnr:.1f} dB on white against the backend")
+    assert res["exact_hidden"] and psnr >= 40.0
 
     # Connected to the running server with the token from its token file, and listed its jobs.
     assert not res["status"]["error"] and res["status"]["text"] == f"Connected to {server['url']}", res["status"]

@@ -224,3 +224,26 @@ def to_torch(array: np.ndarray, dtype=None, device=None):
     import torch
 
     return torch.as_tensor(np.asarray(array), dtype=dtype or torch.float32, device=device)
+
+
+# --- An arbitrary camera given by Blender (the add-on's exact display path).
+
+def viewmat_from_blender_local(camera_in_object: np.ndarray) -> tuple[np.ndarray, float]:
+    """World-to-camera (OpenCV) 4x4 and the depth scale (object units -> Blender units) from a Blender camera's matrix expressed in the splat
+    object's own space (``object.matrix_world.inverted() @ camera.matrix_world``). That space is the fit's own
+    Y-up world (the USD importer puts the file's coordinates in the object's local space), so no axis swap is
+    needed; Blender cameras look down local -Z with +Y up, hence the flip to OpenCV axes. A uniformly scaled
+    object (scale s) gives rotation axes of length 1 / s: the rotation is normalised and s returned (depths in the
+    object's units times s are Blender units)."""
+    m = np.asarray(camera_in_object, dtype=np.float64)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise ValueError("camera matrix must be a finite 4x4")
+    lengths = np.linalg.norm(m[:3, :3], axis=0)
+    if np.any(lengths < 1e-12) or np.ptp(lengths) > 1e-4 * lengths.max():
+        raise ValueError(f"camera matrix in the object's space must be a rotation times a uniform scale "
+                         f"(axis lengths {lengths.round(6).tolist()}): scale the splat object uniformly")
+    scale = 1.0 / float(lengths.mean())
+    c2w = np.eye(4)
+    c2w[:3, :3] = (m[:3, :3] / lengths) @ _CV_TO_GL
+    c2w[:3, 3] = m[:3, 3]
+    return w2c_from_c2w(c2w), scale

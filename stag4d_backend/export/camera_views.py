@@ -1,0 +1,122 @@
+"""`stag4d render --views`: the backend's own rasteriser seen through arbitrary (Blender) cameras, RGBA + depth.
+
+The Blender add-on's exact display path (docs/blender_addon.md, "Exact: the backend's rasteriser"): for each
+frame of the scene it sends the scene camera as a 4x4 matrix in the splat object's own space (Blender camera
+axes: x right, y up, looking down -z) and its pinhole intrinsics K in pixels (principal point and focal lengths
+from the lens, sensor fit, shift and resolution). This writes per view
+
+* ``rgba_{index:04d}.png``: straight (un-premultiplied) sRGB RGBA, 8 bit: the rasteriser's colour / alpha,
+  exactly what `stag4d render` writes for an orbit camera;
+* ``depth_{index:04d}.png``: 16-bit grey, the rasteriser's expected camera depth (along the view axis, as
+  Blender's Z pass) in units of ``DEPTH_UNIT`` Blender units; 65535 where nothing is drawn.
+
+VIEWS.json: ``[{"index": 0, "frame": 0.0, "camera_in_object": [[4x4]], "K": [[3x3]], "width": W,
+"height": H}, ...]``; ``frame`` is the fit's frame value (bake.json's ``frame_values``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..fitted import load_fitted
+from ..render.cameras import to_torch, viewmat_from_blender_local
+from ..render.rasterize import rasterize
+from .turntable import CamerasError
+
+DEPTH_UNIT = 0.001       # Blender units per step of the 16-bit depth image (65.5 units of range)
+DEPTH_EMPTY = 65535
+VIEW_KEYS = ("index", "frame", "camera_in_object", "K", "width", "height")
+
+
+def _matrix(value, shape, what: str) -> np.ndarray:
+    try:
+        m = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CamerasError(f"{what} is not a numeric matrix") from None
+    if m.shape != shape or not np.all(np.isfinite(m)):
+        raise CamerasError(f"{what} must be a finite {shape[0]}x{shape[1]} matrix")
+    return m
+
+
+def read_views(path: str | Path) -> list[dict]:
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CamerasError(f"{path}: no such file; write a JSON list of views {list(VIEW_KEYS)}") from None
+    except json.JSONDecodeError as exc:
+        raise CamerasError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(entries, list) or not entries:
+        raise CamerasError(f"{path}: expected a non-empty JSON list of view objects")
+    out, seen = [], set()
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or any(k not in e for k in VIEW_KEYS):
+            raise CamerasError(f"{path}: entry {i} needs {', '.join(VIEW_KEYS)}")
+        try:
+            view = {"index": int(e["index"]), "frame": float(e["frame"]), "width": int(e["width"]),
+                    "height": int(e["height"])}
+        except (TypeError, ValueError):
+            raise CamerasError(f"{path}: entry {i} has a non-numeric index, frame, width or height") from None
+        view["camera_in_object"] = _matrix(e["camera_in_object"], (4, 4), f"{path}: entry {i}: camera_in_object")
+        view["K"] = _matrix(e["K"], (3, 3), f"{path}: entry {i}: K")
+        if view["index"] < 0 or view["index"] in seen:
+            raise CamerasError(f"{path}: entry {i}: index {view['index']} is negative or repeated")
+        if not (1 <= view["width"] <= 8192 and 1 <= view["height"] <= 8192 and math.isfinite(view["frame"])):
+            raise CamerasError(f"{path}: entry {i}: need 1 <= width, height <= 8192 and a finite frame")
+        if view["K"][0, 0] <= 0 or view["K"][1, 1] <= 0:
+            raise CamerasError(f"{path}: entry {i}: K needs positive focal lengths")
+        try:
+            view["viewmat"], view["depth_scale"] = viewmat_from_blender_local(view["camera_in_object"])
+        except ValueError as exc:
+            raise CamerasError(f"{path}: entry {i}: {exc}") from None
+        seen.add(view["index"])
+        out.append(view)
+    return out
+
+
+@torch.no_grad()
+def render_view_rgba_depth(animated, view: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(straight RGBA float [H, W, 4] in 0..1, expected depth [H, W] in Blender units, inf where empty)."""
+    viewmat = view["viewmat"]
+    campos = to_torch(np.linalg.inv(viewmat)[:3, 3])
+    g = animated.at_frame(view["frame"], campos)
+    res = rasterize(g.means, g.quats, g.scales, g.opacities, g.colors, to_torch(viewmat), to_torch(view["K"]),
+                    view["width"], view["height"], (0.0, 0.0, 0.0))
+    a = res.alpha.clamp(0, 1)
+    drawn = a > 1e-6
+    rgb = torch.where(drawn[..., None], res.rgb / a.clamp_min(1e-6)[..., None], torch.zeros_like(res.rgb))
+    rgba = torch.cat([rgb.clamp(0, 1), a[..., None]], -1).numpy()
+    depth = np.where(drawn.numpy(), res.depth.numpy() * view["depth_scale"], np.inf)
+    return rgba, depth
+
+
+def _save(img: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+
+
+def render_views(out_dir: str | Path, views_json: str | Path, images_dir: str | Path, on_view=None) -> list[Path]:
+    """Render every view of VIEWS.json; ``on_view(index, rgba_path)`` after each (progress)."""
+    views = read_views(views_json)
+    animated, _ = load_fitted(out_dir)
+    images_dir = Path(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for v in views:
+        rgba, depth = render_view_rgba_depth(animated, v)
+        steps = np.where(np.isfinite(depth), np.round(depth / DEPTH_UNIT), DEPTH_EMPTY)
+        depth16 = np.clip(steps, 0, DEPTH_EMPTY).astype(np.uint16)
+        rgba_path = images_dir / f"rgba_{v['index']:04d}.png"
+        _save(Image.fromarray((rgba * 255.0 + 0.5).astype(np.uint8), "RGBA"), rgba_path)
+        _save(Image.fromarray(depth16), images_dir / f"depth_{v['index']:04d}.png")
+        written.append(rgba_path)
+        if on_view is not None:
+            on_view(v["index"], rgba_path)
+    return written
