@@ -35,18 +35,20 @@ POINTS_MATERIAL = "STAG4D points"
 # 4: the alpha cap 0.999 (the rasteriser's), the display-space colour switch in the splat material.
 # 5: a camera-facing square through each Gaussian's centre instead of an ico sphere (one crossing per ray, at the
 #    centre's depth: the rasteriser's order; 2 triangles instead of 80).
-VERSION = 6  # 6: the turn computed from the instance matrix (cheaper frame change)
+# 6: squares turned by the instance rotation only, the Gaussian's frame passed to the material (cheaper).
+VERSION = 6
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
 # The camera-facing square is a little wider than 2 x Extent: seen in perspective from a finite distance, the
 # Extent-sigma sphere's outline reaches slightly beyond its centre plane's circle of radius Extent.
-QUAD_MARGIN = 1.05
+QUAD_MARGIN = 1.25
 DEFAULT_MIN_OPACITY = 1.0 / 255.0
 MAX_ALPHA = 0.999           # the rasteriser's cap on one Gaussian's alpha
 # The splat material's switch between linear emission (blends in linear light, like any Blender material) and
 # sRGB-encoded emission (with the scene's display-space blending set-up: blends the sRGB values the way the
 # backend's rasteriser does; see set_display_space_blending).
 DISPLAY_SPACE_NODE = "stag4d display space"
+ROTVEC_ATTR, K_ATTR = "stag4d_rotation", "stag4d_k"  # per splat, for the material (_billboard_frame)
 PIXEL_CENTRE_FILTER = 0.01  # Cycles' smallest pixel filter width: samples at the pixel centre, as the rasteriser
 # The backend's rasteriser (gsplat "classic") adds 0.3 px^2 to every projected covariance: thin Gaussians show at
 # least about half a pixel wide. Adding the same variance isotropically in 3D, sigma_d = sqrt(0.3) x (the angle of
@@ -91,6 +93,24 @@ def _vmath(nodes, op, x, y, a, b=None, links=None):
     return n.outputs["Value" if op in ("DOT_PRODUCT", "LENGTH", "DISTANCE") else "Vector"]
 
 
+def _to_gaussian(nodes, links, vec, x, y):
+    """The square's object coordinates -> the Gaussian's: rotate by the rotation vector, scale by k."""
+    rotvec = nodes.new("ShaderNodeAttribute")
+    rotvec.attribute_type, rotvec.attribute_name = "INSTANCER", ROTVEC_ATTR
+    rotvec.location = (x - 350, y)
+    k = nodes.new("ShaderNodeAttribute")
+    k.attribute_type, k.attribute_name = "INSTANCER", K_ATTR
+    k.location = (x - 200, y - 300)
+    angle = _vmath(nodes, "LENGTH", x - 150, y - 150, rotvec.outputs["Vector"], links=links)
+    rot = nodes.new("ShaderNodeVectorRotate")
+    rot.rotation_type = "AXIS_ANGLE"
+    rot.location = (x, y)
+    links.new(vec, rot.inputs["Vector"])
+    links.new(rotvec.outputs["Vector"], rot.inputs["Axis"])  # normalised by the node
+    links.new(angle, rot.inputs["Angle"])
+    return _vmath(nodes, "MULTIPLY", x + 150, y, rot.outputs["Vector"], k.outputs["Vector"], links=links)
+
+
 def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     """Emission colour from the instance's ``displayColor``, alpha = opacity x the Gaussian along the ray."""
     mat = bpy.data.materials.get(name) or bpy.data.materials.new(name)
@@ -107,8 +127,10 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     to_obj.vector_type, to_obj.convert_from, to_obj.convert_to = "VECTOR", "WORLD", "OBJECT"
     to_obj.location = (-1000, -100)
     links.new(geom.outputs["Incoming"], to_obj.inputs["Vector"])
-    p = coords.outputs["Object"]
-    d = _vmath(nodes, "NORMALIZE", -800, -100, to_obj.outputs["Vector"], links=links)
+    # The square's own coordinates -> the Gaussian's: rotate by G (axis, angle), scale by k (_billboard_frame).
+    p = _to_gaussian(nodes, links, coords.outputs["Object"], -900, 250)
+    d = _vmath(nodes, "NORMALIZE", -800, -100, _to_gaussian(nodes, links, to_obj.outputs["Vector"], -900, -250),
+               links=links)
     pd = _vmath(nodes, "DOT_PRODUCT", -600, 0, p, d, links=links)
     pp = _vmath(nodes, "DOT_PRODUCT", -600, 200, p, p, links=links)
     # d^2 = |p|^2 - (p . d)^2: squared distance of the ray from the Gaussian's centre, in sigmas.
@@ -296,13 +318,12 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     # with Attribute nodes of type "Instancer".
     inst = nodes.new("GeometryNodeInstanceOnPoints")
     inst.location = (100, 0)
-    links.new(gin.outputs["Geometry"], inst.inputs["Points"])
     links.new(visible.outputs[0], inst.inputs["Selection"])
     links.new(ico_mat.outputs["Geometry"], inst.inputs["Instance"])
-    links.new(orient, inst.inputs["Rotation"])
-    blurred, cam_loc = _blurred_scales(nodes, links, gin, scales)
-    links.new(blurred, inst.inputs["Scale"])
-    facing = _face_camera(nodes, links, inst.outputs["Instances"], cam_loc)
+    blurred, cam_rot = _blurred_scales(nodes, links, gin, scales)
+    points = _billboard_frame(nodes, links, gin.outputs["Geometry"], inst, orient, blurred, cam_rot)
+    links.new(points, inst.inputs["Points"])
+    facing = inst.outputs["Instances"]
 
     pts_mat = nodes.new("GeometryNodeSetMaterial")
     pts_mat.location = (100, -300)
@@ -371,42 +392,52 @@ def _blurred_scales(nodes, links, gin, scales):
     add.location = (-150, -700)
     links.new(sq.outputs["Vector"], add.inputs[0])
     links.new(var_px.outputs[0], add.inputs[1])
-    return _vector_sqrt(nodes, links, add.outputs["Vector"], 0, -700), info.outputs["Location"]
+    return _vector_sqrt(nodes, links, add.outputs["Vector"], 0, -700), info.outputs["Rotation"]
 
 
-def _face_camera(nodes, links, instances, cam_loc):
-    """Turn each square, in its instance's own space (after the Gaussian's rotation and scale, where the Gaussian
-    is the unit normal distribution), so that its normal points at the camera: there the camera is at
-    M^-1 camera, M the instance matrix (T R S). A rotation Q in that space leaves the Gaussian as it is (M Q
-    (M Q)^T = M M^T); the square now lies across every camera ray through the splat, through the point of the
-    Gaussian's highest density along the ray. Reading M back (Instance Transform) instead of recomputing R and
-    the blurred S keeps a frame change cheap."""
-    current = nodes.new("GeometryNodeInstanceTransform")
-    current.location = (450, -1150)
-    inverse = nodes.new("FunctionNodeInvertMatrix")
-    inverse.location = (600, -1150)
-    links.new(current.outputs[0], inverse.inputs[0])
-    local = nodes.new("FunctionNodeTransformPoint")
-    local.location = (750, -1000)
-    links.new(cam_loc, local.inputs["Vector"])
-    links.new(inverse.outputs["Matrix"], local.inputs["Transform"])
-    align = nodes.new("FunctionNodeAlignRotationToVector")
-    align.axis = "Z"
-    align.location = (900, -1000)
-    links.new(local.outputs[0], align.inputs["Vector"])
-    # M x Q: Rotate Instances in local space would turn about the scaled axes instead.
-    q = nodes.new("FunctionNodeCombineTransform")
-    q.location = (1050, -1000)
-    links.new(align.outputs[0], q.inputs["Rotation"])
-    product = nodes.new("FunctionNodeMatrixMultiply")
-    product.location = (1200, -1000)
-    links.new(current.outputs[0], product.inputs[0])
-    links.new(q.outputs[0], product.inputs[1])
-    turn = nodes.new("GeometryNodeSetInstanceTransform")
-    turn.location = (1350, -800)
-    links.new(instances, turn.inputs["Instances"])
-    links.new(product.outputs[0], turn.inputs["Transform"])
-    return turn.outputs["Instances"]
+def _billboard_frame(nodes, links, geometry, inst, orient, blurred, cam_rot):
+    """Each square lies parallel to the camera's image plane through its Gaussian's centre (instance rotation =
+    the camera's, one value for all), scaled by the largest blurred sigma (the square is 2 x Extent x margin of
+    those: it covers the splat). Every ray crosses it at the depth of the centre along the camera axis: the
+    rasteriser's sort key. The material needs the Gaussian's own space, g = S^-1 R^-1 (x - centre) =
+    (S^-1 sigma_max) R^-1 F o for the square's object coordinates o: the points carry R^-1 F as a rotation vector
+    (axis x angle) and k = sigma_max / S, read by the material as instancer attributes. Only fields on points
+    and a plain Instance on Points: setting instance transforms afterwards costs ~9 ms per frame at 50k."""
+    inv = nodes.new("FunctionNodeInvertRotation")
+    inv.location = (0, -1350)
+    links.new(orient, inv.inputs[0])
+    combined = nodes.new("FunctionNodeRotateRotation")
+    combined.rotation_space = "GLOBAL"  # R^-1 applied after F
+    combined.location = (200, -1300)
+    links.new(cam_rot, combined.inputs["Rotation"])
+    links.new(inv.outputs[0], combined.inputs["Rotate By"])
+    axis_angle = nodes.new("FunctionNodeRotationToAxisAngle")
+    axis_angle.location = (400, -1300)
+    links.new(combined.outputs[0], axis_angle.inputs[0])
+    rotvec = _vmath(nodes, "SCALE", 550, -1300, axis_angle.outputs["Axis"], links=links)
+    links.new(axis_angle.outputs["Angle"], rotvec.node.inputs["Scale"])
+    sep = nodes.new("ShaderNodeSeparateXYZ")
+    sep.location = (0, -1500)
+    links.new(blurred, sep.inputs[0])
+    largest = _math(nodes, "MAXIMUM", 200, -1500, _math(nodes, "MAXIMUM", 100, -1500, sep.outputs[0], sep.outputs[1],
+                                                       links=links), sep.outputs[2], links=links)
+    k = nodes.new("ShaderNodeVectorMath")
+    k.operation = "DIVIDE"
+    k.location = (400, -1500)
+    links.new(largest, k.inputs[0])
+    links.new(blurred, k.inputs[1])
+    out = geometry
+    for i, (name, value) in enumerate(((ROTVEC_ATTR, rotvec), (K_ATTR, k.outputs["Vector"]))):
+        store = nodes.new("GeometryNodeStoreNamedAttribute")
+        store.data_type, store.domain = "FLOAT_VECTOR", "POINT"
+        store.location = (700 + 180 * i, -1000)
+        store.inputs["Name"].default_value = name
+        links.new(out, store.inputs["Geometry"])
+        links.new(value, store.inputs["Value"])
+        out = store.outputs["Geometry"]
+    links.new(cam_rot, inst.inputs["Rotation"])
+    links.new(largest, inst.inputs["Scale"])
+    return out
 
 
 def _vector_sqrt(nodes, links, vec, x, y):

@@ -167,6 +167,17 @@ def test_enable_disable_through_blenders_addon_system():
 
 # ---- import ------------------------------------------------------------------------------------------------
 
+def _rodrigues(rotvec: np.ndarray) -> np.ndarray:
+    """Rotation matrices of rotation vectors (axis x angle)."""
+    angle = np.linalg.norm(rotvec, axis=1)
+    axis = rotvec / np.maximum(angle, 1e-12)[:, None]
+    K = np.zeros((len(rotvec), 3, 3))
+    K[:, 0, 1], K[:, 0, 2], K[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
+    K -= K.transpose(0, 2, 1)
+    s, c = np.sin(angle)[:, None, None], np.cos(angle)[:, None, None]
+    return np.eye(3) + s * K + (1 - c) * K @ K
+
+
 def _instances(obj):
     """World matrices of the evaluated splat instances of ``obj``, in point order."""
     dg = bpy.context.evaluated_depsgraph_get()
@@ -202,10 +213,15 @@ def test_import_job_puts_animated_splats_on_the_timeline(scene, job_dir):
         # Each splat's axes: the Gaussian's rotation in Z-up times its linear sigmas.
         q = ply["rotation"][keep] / np.linalg.norm(ply["rotation"][keep], axis=1, keepdims=True)
         expected = quat_to_matrix(y_up_to_z_up_quats(q)) * np.exp(ply["scaling"][keep])[:, None, :]
-        # The instance is those axes times a turn in the Gaussian's own space (the square facing the camera),
-        # which leaves the Gaussian, i.e. its covariance A A^T, as it is.
-        cov = mats[:, :3, :3] @ mats[:, :3, :3].transpose(0, 2, 1)
-        np.testing.assert_allclose(cov, expected @ expected.transpose(0, 2, 1), atol=5e-7)  # the blur's variance
+        # The instance is a square parallel to the image plane (camera rotation x the largest sigma); the
+        # material's frame (rotation vector, k) takes it back to those axes: instance x Rot^-1 x diag(1 / k).
+        evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
+        geometry = evaluated.evaluated_geometry()  # kept alive while its point cloud is read
+        geo = geometry.instances_pointcloud()
+        rotvec, k = (np.array([a.vector for a in geo.attributes[n].data])
+                     for n in (splat_nodes.ROTVEC_ATTR, splat_nodes.K_ATTR))
+        np.testing.assert_allclose(mats[:, :3, :3] @ _rodrigues(rotvec).transpose(0, 2, 1) / k[:, None, :],
+                                   expected, atol=1e-5)
         if previous is not None:  # scrubbing moves them
             assert np.abs(mats[:, :3, 3] - previous).max() > 1e-3
         previous = mats[:, :3, 3]
@@ -263,7 +279,8 @@ def test_splat_node_group_is_rebuilt_once_and_survives_save(scene, job_dir, tmp_
     mat = bpy.data.materials[splat_nodes.SPLAT_MATERIAL]
     assert mat.surface_render_method == "DITHERED"
     attrs = {(n.attribute_type, n.attribute_name) for n in mat.node_tree.nodes if n.type == "ATTRIBUTE"}
-    assert attrs == {("INSTANCER", "displayColor"), ("INSTANCER", "opacity")}
+    assert attrs == {("INSTANCER", "displayColor"), ("INSTANCER", "opacity"),
+                     ("INSTANCER", splat_nodes.ROTVEC_ATTR), ("INSTANCER", splat_nodes.K_ATTR)}
 
 
 # ---- renders -------------------------------------------------------------------------------------------------

@@ -158,3 +158,36 @@ def test_blender_conversion_matches_mathutils():
     np.testing.assert_allclose(list(q), C.Y_UP_TO_Z_UP_QUAT, atol=1e-7)
     v = mathutils.Vector((0.3, -0.2, 0.7))
     np.testing.assert_allclose(list(rot @ v), C.y_up_to_z_up_points([0.3, -0.2, 0.7]), atol=1e-6)
+
+
+def test_viewmat_from_blender_local_inverts_the_blender_camera():
+    """The exact display's camera: a Blender camera matrix seen from the splat object's space (the importer's +90
+    degrees about X, here also scaled by 2) gives back the orbit camera's own viewmat, and depths scale by 2."""
+    from stag4d_backend.render.cameras import blender_camera_matrix, viewmat_from_blender_local
+
+    orbit = C.OrbitCamera(elevation=25.0, azimuth=-70.0, radius=2.5)
+    obj = np.eye(4)
+    obj[:3, :3] = 2.0 * np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]])
+    viewmat, scale = viewmat_from_blender_local(np.linalg.inv(obj) @ blender_camera_matrix(orbit))
+    expected = orbit.viewmat.copy()
+    expected[:3, 3] /= 2.0  # the object's units are half the world's
+    np.testing.assert_allclose(viewmat, expected, atol=1e-12)
+    assert scale == pytest.approx(2.0)
+    sheared = np.eye(4)
+    sheared[1, 1] = 2.0
+    with pytest.raises(ValueError, match="uniform scale"):
+        viewmat_from_blender_local(sheared)
+
+
+def test_render_views_rejects_bad_views(tmp_path):
+    from stag4d_backend.export.camera_views import read_views
+    from stag4d_backend.export.turntable import CamerasError
+
+    path = tmp_path / "views.json"
+    path.write_text('[{"index": 0, "frame": 0}]')
+    with pytest.raises(CamerasError, match="needs index, frame, camera_in_object, K, width, height"):
+        read_views(path)
+    path.write_text('[{"index": 0, "frame": 0, "camera_in_object": [[1, 0], [0, 1]], "K": [[1, 0, 0], [0, 1, 0], '
+                    '[0, 0, 1]], "width": 8, "height": 8}]')
+    with pytest.raises(CamerasError, match="finite 4x4"):
+        read_views(path)
