@@ -1,12 +1,14 @@
-"""The volume every training view sees, and how far a Gaussian is outside it. Pure math.
+"""The training views' volume, and the checks that keep every Gaussian explained by the data. Pure math.
 
-A Gaussian that leaves the field of view of every training camera at some time gets no photometric gradient at
-that time: nothing in the data says where it is, and it stays wherever the deformation field left it (a stray
-splat in Blender). Measured in docs/benchmarks.md ("Stray Gaussians"): with a static opacity the field's only way
-to make a Gaussian disappear at a frame is to move it away, and out of every view is where no loss reaches it.
-The ``in_view`` loss keeps every deformed Gaussian inside the image of every training camera (the front view and
-the six anchor poses), where the reference and anchor losses explain it; it is zero for Gaussians inside, so it
-does not bias what the data constrains.
+With a static opacity the deformation field can only make a Gaussian disappear at a frame by moving it: left
+off the object's silhouette (over background) it gets almost no position gradient, and outside the image of
+every training camera none at all, so it stays there as a stray splat; densification then copies it, offset
+included (measured: docs/fitting.md "Stray Gaussians", docs/benchmarks.md). Two cures live here:
+- the ``in_view`` loss (``TrainingViews.loss``): every deformed Gaussian inside the image of every training camera
+  (the front view and the six anchor poses); zero inside, so it does not bias what the data constrains;
+- the silhouette check (``TrainingViews.off_silhouette``): in how many training views a centre is off the matte,
+  used at densification events to keep strays from being copied and to prune them.
+``count_out_of_view`` is the bake's reported check.
 
 Overshoot of a point for one camera: how far it is outside the camera's viewing pyramid, sideways, in units of
 the camera distance (see ``TrainingViews.overshoot``).
