@@ -1,17 +1,19 @@
 """The "Gaussian splats" geometry-nodes group and its two materials, built in Python (no asset .blend to lose).
 
-Each Gaussian becomes an instance of one ico sphere of radius ``Extent`` (in sigmas), rotated by its
-``orientations`` quaternion and scaled by its linear ``scales``: an ellipsoid covering the Gaussian out to
-``Extent`` sigmas. The instances stay instances (never realised), so a frame change only re-evaluates the
-50k instance transforms, and the renderers share one sphere mesh.
+Each Gaussian becomes an instance of one square through its centre, parallel to the active camera's image plane
+(the instance rotation is the camera's, one value for all) and scaled by the Gaussian's largest blurred sigma, so
+it covers the splat's ``Extent``-sigma footprint. Every camera ray crosses each square once, at the centre's depth
+along the camera axis: the key the backend's rasteriser sorts by, so Cycles composites them in its order. The
+instances stay instances (never realised or re-transformed), so a frame change only re-evaluates point fields,
+and the renderers share one 2-triangle mesh.
 
-The splat material makes each ellipsoid look like the Gaussian it stands for, not a ball: in the instance's own
-space (``Object`` texture coordinates, where the Gaussian is the unit normal distribution) the viewing ray through
-the shaded point passes the centre at distance d, and the most the Gaussian reaches along that ray is
-exp(-d^2 / 2). The surface alpha is ``opacity * exp(-d^2 / 2)`` (capped at 0.99 and cut below 1/255 like the
-backend's rasteriser) on front faces and 0 on back faces, so each Gaussian is counted once per ray whatever
-the sphere's tessellation. This is the backend's per-Gaussian alpha, evaluated for the 3D ray instead of the
-2D projected ellipse; colour is the unlit ``displayColor`` (Emission), so renders match the backend's.
+The splat material makes each square look like the Gaussian it stands for: the points carry the Gaussian's frame
+relative to the square (a rotation vector and per-axis k = sigma_max / sigma); with them the material takes the
+shaded point and the viewing ray into the Gaussian's own space, where it is the unit normal distribution: the ray
+passes the centre at distance d, and the most the Gaussian reaches along it is exp(-d^2 / 2). The surface alpha
+is ``opacity * exp(-d^2 / 2)`` (capped at 0.999 and cut below 1/255 like the rasteriser). This is the backend's
+per-Gaussian alpha, evaluated for the 3D ray instead of the 2D projected ellipse; colour is the unlit
+``displayColor`` (Emission; sRGB-encoded with set_display_space_blending), so renders match the backend's.
 
 Everything reads point attributes the USD importer creates (docs/bake.md): ``orientations`` (QUATERNION),
 ``scales`` (FLOAT_VECTOR), ``opacity`` (FLOAT), ``displayColor`` (FLOAT_COLOR), ``radius`` (FLOAT). The positions and
@@ -39,8 +41,8 @@ POINTS_MATERIAL = "STAG4D points"
 VERSION = 6
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
-# The camera-facing square is a little wider than 2 x Extent: seen in perspective from a finite distance, the
-# Extent-sigma sphere's outline reaches slightly beyond its centre plane's circle of radius Extent.
+# The square (parallel to the image plane, half-width Extent x the largest sigma) is 25 % wider: rays slanted by up
+# to ~35 degrees (image corners) see the splat's Extent-sigma footprint up to 1 / cos = 1.2 times wider there.
 QUAD_MARGIN = 1.25
 DEFAULT_MIN_OPACITY = 1.0 / 255.0
 MAX_ALPHA = 0.999           # the rasteriser's cap on one Gaussian's alpha

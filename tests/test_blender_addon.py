@@ -212,7 +212,13 @@ def test_import_job_puts_animated_splats_on_the_timeline(scene, job_dir):
         np.testing.assert_allclose(mats[:, :3, 3], to_blender(ply["xyz"][keep]), atol=1e-5)
         # Each splat's axes: the Gaussian's rotation in Z-up times its linear sigmas.
         q = ply["rotation"][keep] / np.linalg.norm(ply["rotation"][keep], axis=1, keepdims=True)
-        expected = quat_to_matrix(y_up_to_z_up_quats(q)) * np.exp(ply["scaling"][keep])[:, None, :]
+        # ... widened by the 0.3 px^2 blur at the point's distance to the scene camera (whatever camera and
+        # resolution the scene has: the origin when there is none), as splat_nodes._blurred_scales does.
+        cam = np.zeros(3) if scene.camera is None else np.array(scene.camera.matrix_world)[:3, 3]
+        cam_obj = (np.linalg.inv(np.array(obj.matrix_world)) @ np.append(cam, 1.0))[:3]
+        blur = splat_nodes.get_modifier_input(obj, "Pixel Angle") * np.linalg.norm(ply["xyz"][keep] - cam_obj, axis=1)
+        sigma = np.sqrt(np.exp(ply["scaling"][keep]) ** 2 + splat_nodes.BLUR_PX2 * blur[:, None] ** 2)
+        expected = quat_to_matrix(y_up_to_z_up_quats(q)) * sigma[:, None, :]
         # The instance is a square parallel to the image plane (camera rotation x the largest sigma); the
         # material's frame (rotation vector, k) takes it back to those axes: instance x Rot^-1 x diag(1 / k).
         evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
