@@ -16,7 +16,6 @@ VIEWS.json: ``[{"index": 0, "frame": 0.0, "camera_in_object": [[4x4]], "K": [[3x
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -24,10 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import atomic_path
 from ..fitted import load_fitted
 from ..render.cameras import to_torch, viewmat_from_blender_local
 from ..render.rasterize import rasterize
-from .turntable import CamerasError
+from .turntable import CamerasError, read_entry_list, straight_rgba, to_uint8
 
 DEPTH_UNIT = 0.001       # Blender units per step of the 16-bit depth image (65.5 units of range)
 DEPTH_EMPTY = 65535
@@ -46,14 +46,7 @@ def _matrix(value, shape, what: str) -> np.ndarray:
 
 def read_views(path: str | Path) -> list[dict]:
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CamerasError(f"{path}: no such file; write a JSON list of views {list(VIEW_KEYS)}") from None
-    except json.JSONDecodeError as exc:
-        raise CamerasError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(entries, list) or not entries:
-        raise CamerasError(f"{path}: expected a non-empty JSON list of view objects")
+    entries = read_entry_list(path, "view", VIEW_KEYS)
     out, seen = [], set()
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or any(k not in e for k in VIEW_KEYS):
@@ -88,18 +81,15 @@ def render_view_rgba_depth(animated, view: dict) -> tuple[np.ndarray, np.ndarray
     g = animated.at_frame(view["frame"], campos)
     res = rasterize(g.means, g.quats, g.scales, g.opacities, g.colors, to_torch(viewmat), to_torch(view["K"]),
                     view["width"], view["height"], (0.0, 0.0, 0.0))
-    a = res.alpha.clamp(0, 1)
-    drawn = a > 1e-6
-    rgb = torch.where(drawn[..., None], res.rgb / a.clamp_min(1e-6)[..., None], torch.zeros_like(res.rgb))
-    rgba = torch.cat([rgb.clamp(0, 1), a[..., None]], -1).numpy()
-    depth = np.where(drawn.numpy(), res.depth.numpy() * view["depth_scale"], np.inf)
+    rgba = straight_rgba(res).numpy()
+    drawn = rgba[..., 3] > 1e-6
+    depth = np.where(drawn, res.depth.numpy() * view["depth_scale"], np.inf)
     return rgba, depth
 
 
 def _save(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp)
 
 
 def render_views(out_dir: str | Path, views_json: str | Path, images_dir: str | Path, on_view=None) -> list[Path]:
@@ -114,7 +104,7 @@ def render_views(out_dir: str | Path, views_json: str | Path, images_dir: str | 
         steps = np.where(np.isfinite(depth), np.round(depth / DEPTH_UNIT), DEPTH_EMPTY)
         depth16 = np.clip(steps, 0, DEPTH_EMPTY).astype(np.uint16)
         rgba_path = images_dir / f"rgba_{v['index']:04d}.png"
-        _save(Image.fromarray((rgba * 255.0 + 0.5).astype(np.uint8), "RGBA"), rgba_path)
+        _save(Image.fromarray(to_uint8(rgba), "RGBA"), rgba_path)
         _save(Image.fromarray(depth16), images_dir / f"depth_{v['index']:04d}.png")
         written.append(rgba_path)
         if on_view is not None:

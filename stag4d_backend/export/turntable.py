@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import atomic_path
 from ..fitted import load_fitted
 from ..gaussians.animated import AnimatedGaussians
 from ..render.view import render_view
@@ -22,16 +23,22 @@ class CamerasError(ValueError):
     """A CAMERAS.json that cannot be used (one line naming the entry and the fix)."""
 
 
-def read_cameras(path: str | Path) -> list[dict]:
-    path = Path(path)
+def read_entry_list(path: Path, noun: str, keys) -> list:
+    """The non-empty JSON list of ``noun`` objects in ``path`` (CAMERAS.json, VIEWS.json); CamerasError otherwise."""
     try:
         entries = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CamerasError(f"{path}: no such file; write a JSON list of cameras {list(CAMERA_KEYS)}") from None
+        raise CamerasError(f"{path}: no such file; write a JSON list of {noun}s {list(keys)}") from None
     except json.JSONDecodeError as exc:
         raise CamerasError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(entries, list) or not entries:
-        raise CamerasError(f"{path}: expected a non-empty JSON list of camera objects")
+        raise CamerasError(f"{path}: expected a non-empty JSON list of {noun} objects")
+    return entries
+
+
+def read_cameras(path: str | Path) -> list[dict]:
+    path = Path(path)
+    entries = read_entry_list(path, "camera", CAMERA_KEYS)
     out, seen = [], set()
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
@@ -60,10 +67,18 @@ def render_rgba(animated: AnimatedGaussians, camera: OrbitCamera, frame: float) 
     """Straight (un-premultiplied) RGBA uint8 [H, W, 4] of the model at ``frame`` seen from ``camera``."""
     g = animated.at_frame(frame, to_torch(camera.position))
     res = render_view(g, camera, (0.0, 0.0, 0.0))
+    return to_uint8(straight_rgba(res).numpy())
+
+
+def straight_rgba(res) -> torch.Tensor:
+    """Straight (un-premultiplied) RGBA float [H, W, 4] in 0..1 of a rasteriser result drawn over black."""
     a = res.alpha.clamp(0, 1)
     rgb = torch.where(a[..., None] > 1e-6, res.rgb / a.clamp_min(1e-6)[..., None], torch.zeros_like(res.rgb))
-    rgba = torch.cat([rgb.clamp(0, 1), a[..., None]], -1)
-    return (rgba.numpy() * 255.0 + 0.5).astype(np.uint8)
+    return torch.cat([rgb.clamp(0, 1), a[..., None]], -1)
+
+
+def to_uint8(rgba: np.ndarray) -> np.ndarray:
+    return (rgba * 255.0 + 0.5).astype(np.uint8)
 
 
 def on_white(rgba: np.ndarray) -> np.ndarray:
@@ -80,9 +95,8 @@ def render_cameras(out_dir: str | Path, cameras_json: str | Path, images_dir: st
     for c in cams:
         rgba = render_rgba(animated, OrbitCamera.from_dict(c), c["frame"])
         path = images_dir / f"{c['index']:04d}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        Image.fromarray(rgba, "RGBA").save(tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(rgba, "RGBA").save(tmp)
         written.append(path)
     return written
 

@@ -14,54 +14,30 @@ EXIT_USAGE = 2
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers (h11's default, stated): more is a 400
 
 
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free one)") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"{v} is not a port number (0-65535; 0 picks a free one)")
-    return v
+def _ranged(convert, inside, not_a: str, outside: str):
+    """An argparse type: ``convert(text)`` that ``inside(value)`` accepts; ``not_a`` follows the quoted text when it
+    does not convert, ``outside`` is formatted with ``text`` and ``v`` when it is out of range."""
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} {not_a}") from None
+        if not inside(v):
+            raise argparse.ArgumentTypeError(outside.format(text=text, v=v))
+        return v
+    return parse
 
 
-def _positive_mb(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of megabytes") from None
-    if not 0 < v <= 1024 * 1024:
-        raise argparse.ArgumentTypeError(f"{text}: must be more than 0 and at most 1048576 (1 TB)")
-    return v
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= v <= 64:
-        raise argparse.ArgumentTypeError(f"{v}: must be between 0 and 64")
-    return v
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < v <= 3600:
-        raise argparse.ArgumentTypeError(f"{text}: must be more than 0 and at most 3600 seconds")
-    return v
-
-
-def _connections(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= v <= 100000:
-        raise argparse.ArgumentTypeError(f"{v}: must be between 1 and 100000")
-    return v
+_port = _ranged(int, lambda v: 0 <= v <= 65535, "is not a port number (0-65535; 0 picks a free one)",
+                "{v} is not a port number (0-65535; 0 picks a free one)")
+_positive_mb = _ranged(float, lambda v: 0 < v <= 1024 * 1024, "is not a number of megabytes",
+                       "{text}: must be more than 0 and at most 1048576 (1 TB)")
+_count = _ranged(int, lambda v: 0 <= v <= 64, "is not a whole number", "{v}: must be between 0 and 64")
+_seconds = _ranged(float, lambda v: 0 < v <= 3600, "is not a number of seconds",
+                   "{text}: must be more than 0 and at most 3600 seconds")
+_connections = _ranged(int, lambda v: 1 <= v <= 100000, "is not a whole number",
+                       "{v}: must be between 1 and 100000")
+_gpus = _ranged(float, lambda v: 0 <= v <= 64, "is not a number of GPUs", "{text}: must be between 0 and 64")
 
 
 def _devices(text: str) -> str:
@@ -72,16 +48,6 @@ def _devices(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
-
-
-def _gpus(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GPUs") from None
-    if not 0 <= v <= 64:
-        raise argparse.ArgumentTypeError(f"{text}: must be between 0 and 64")
-    return v
 
 
 def _ray_resources(text: str) -> str:
