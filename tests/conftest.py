@@ -22,3 +22,14 @@ def minions_dir() -> Path:
     if not (MINIONS / "ref").is_dir():
         pytest.skip(f"shared data not found at {MINIONS}")
     return MINIONS
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors on a shared 2-core machine: one torch thread is far faster than two under contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

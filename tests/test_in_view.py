@@ -15,13 +15,7 @@ from stag4d_backend.fitting.trainer import Trainer
 FAR = 1.7  # floaters: farther than 1.7 object radii from the centre at some frame
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a busy machine (no thread contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_overshoot_is_zero_inside_every_view_and_pulls_a_far_point_back():
