@@ -268,7 +268,9 @@ class JobManager:
             del self._running[job_id]
             with contextlib.suppress(OSError):
                 r.handle.close()
-            if r.deleting:
+            # Deleted, or resumed after the worker recorded its end but before this reap: nothing to record
+            # (recording here would overwrite the resumed job's "queued" with the old run's end).
+            if r.deleting or job_id in self._queue:
                 continue
             try:
                 self._record_end(job_id, r, rc)
