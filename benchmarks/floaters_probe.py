@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stag4d_backend.config import get_preset  # noqa: E402
+from stag4d_backend.config import get_preset, with_overrides  # noqa: E402
 from stag4d_backend.dataset import load_frames  # noqa: E402
 from stag4d_backend.example_scene import ExampleCreature, GaussianFrame, write_stag4d_layout  # noqa: E402
 from stag4d_backend.fitting.trainer import Trainer  # noqa: E402
@@ -202,13 +202,7 @@ def run(args) -> dict:
         cfg = cfg.with_iters(args.iters)
     if args.resolution:
         cfg = cfg.with_resolution(args.resolution)
-    for kv in args.set or []:
-        key, val = kv.split("=", 1)
-        obj = cfg
-        parts = key.split(".")
-        for p in parts[:-1]:
-            obj = getattr(obj, p)
-        setattr(obj, parts[-1], type(getattr(obj, parts[-1]))(json.loads(val)))
+    cfg = with_overrides(cfg, args.set or [])
     hard = None
     if args.hard:
         hard = json.loads((Path(args.hard) / "scene.json").read_text())

@@ -45,7 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stag4d_backend.config import get_preset  # noqa: E402
+from stag4d_backend.config import get_preset, with_overrides  # noqa: E402
 from stag4d_backend.dataset import load_frames  # noqa: E402
 from stag4d_backend.example_scene import ExampleCreature, render_frame, write_stag4d_layout  # noqa: E402
 from stag4d_backend.fitted import load_fitted  # noqa: E402
@@ -64,10 +64,11 @@ def render_fitted(animated, camera: OrbitCamera, frame: float) -> torch.Tensor:
 
 
 def _fit(data_dir: Path, out_dir: Path, preset: str, iters: int | None, frames=None, threads: int = 0,
-         max_minutes: float = 0.0):
+         max_minutes: float = 0.0, overrides: list[str] | None = None):
     cfg = get_preset(preset)
     if iters:
         cfg = cfg.with_iters(iters)
+    cfg = with_overrides(cfg, overrides or [])
     if threads:
         cfg = dataclasses.replace(cfg, num_threads=threads)
     t0 = time.perf_counter()
@@ -286,12 +287,13 @@ def hard(args) -> list[dict]:
             wall, steps, cfg_iters, gaussians = None, None, None, None
             if not (args.reuse_fits and (fit_dir / "meta.json").is_file()):
                 outcome, wall, cfg = _fit(folder / variant, fit_dir, args.preset, args.iters, threads=args.threads,
-                                          max_minutes=args.max_minutes)
+                                          max_minutes=args.max_minutes, overrides=args.set)
                 steps, cfg_iters, gaussians = outcome.iterations, cfg.iters, outcome.num_gaussians
             animated, _ = load_fitted(fit_dir)
             scores, row = score_hard_scene(animated, folder)
             rows.append(row)
-            r = {"scene": name, "variant": variant, "preset": args.preset, "iters": cfg_iters, "steps_done": steps,
+            r = {"scene": name, "variant": variant, "preset": args.preset, "set": args.set or [],
+                 "iters": cfg_iters, "steps_done": steps,
                  "fit_wall_s": None if wall is None else round(wall, 1), "num_gaussians": gaussians,
                  "load_avg_1m": round(os.getloadavg()[0], 2), **scores, "fit_dir": str(fit_dir)}
             print(json.dumps(r), flush=True)
@@ -302,7 +304,8 @@ def hard(args) -> list[dict]:
         keys = ("held_out_psnr", "held_out_ssim", "held_out_iou", "seen_psnr", "in_between_front_psnr",
                 "in_between_back_psnr", "floaters_pct")
         done = [r for r in results if r["variant"] == variant]
-        mean = {"scene": "mean", "variant": variant, "preset": args.preset, "scenes": len(done),
+        mean = {"scene": "mean", "variant": variant, "preset": args.preset, "set": args.set or [],
+                "scenes": len(done),
                 **{k: round(float(np.mean([r[k] for r in done])), 4 if "ssim" in k or "iou" in k else 2)
                    for k in keys},
                 "min_held_out_psnr": min(r["held_out_psnr"] for r in done),
@@ -331,12 +334,15 @@ def markdown_table(jsonl: Path) -> str:
             "num_gaussians", "load_avg_1m")
     out = ["| scene | variant | held-out PSNR | SSIM | IoU | seen PSNR | in-between front / back | floaters % | "
            "farthest / r | steps | fit s | Gaussians | load |", "|---|---|" + "---:|" * 11]
+    def label(r):  # the variant, with the config overrides of the run (--set) if any
+        return " ".join([r["variant"], *r.get("set", [])])
+
     for r in rows:
         v = [r.get(c) for c in cols]
-        out.append(f"| {r['scene']} | {r['variant']} | {v[0]} | {v[1]} | {v[2]} | {v[3]} | {v[4]} / {v[5]} | {v[6]} | "
+        out.append(f"| {r['scene']} | {label(r)} | {v[0]} | {v[1]} | {v[2]} | {v[3]} | {v[4]} / {v[5]} | {v[6]} | "
                    f"{v[7]} | {v[8]} | {v[9]} | {v[10]} | {v[11]} |")
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        sel = [r for r in rows if r["variant"] == variant]
+    for variant in dict.fromkeys(label(r) for r in rows):
+        sel = [r for r in rows if label(r) == variant]
         m = {c: float(np.mean([r[c] for r in sel])) for c in cols[:8]}
         out.append(f"| **mean of {len(sel)}** | {variant} | **{m['held_out_psnr']:.2f}** | {m['held_out_ssim']:.4f} | "
                    f"{m['held_out_iou']:.4f} | {m['seen_psnr']:.2f} | {m['in_between_front_psnr']:.2f} / "
@@ -354,6 +360,9 @@ def main() -> None:
     p.add_argument("--reuse-fits", action="store_true", help="hard: score fits already in --work, fit the rest")
     p.add_argument("--preset", default="preview")
     p.add_argument("--iters", type=int, help="override the preset's iterations")
+    p.add_argument("--set", action="append", metavar="KEY=JSON",
+                   help="hard: override a config field of the preset, e.g. anchors_per_step=3 or "
+                        "densify.max_gaussians=20000 (repeatable; recorded in each JSON line)")
     p.add_argument("--frames", type=int, default=16, help="synthetic: frames; minions: first N frames (0 = all)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--gt-gaussians", type=int, default=12000)

@@ -14,6 +14,7 @@ proportionally (``FitConfig.with_iters``), so a shorter run keeps the shape of t
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from .gaussians.deformation import DeformationConfig
@@ -116,6 +117,38 @@ class FitConfig:
         return dataclasses.replace(
             self, ref_resolution=res, anchor_resolution=min(self.anchor_resolution, res),
             view_resolutions=tuple((x, min(r, res)) for x, r in self.view_resolutions))
+
+
+def with_overrides(cfg: FitConfig, items: list[str] | tuple[str, ...]) -> FitConfig:
+    """A copy of ``cfg`` with ``KEY=JSON`` items applied, KEY a field or a dotted field of a nested config
+    (``densify.max_gaussians=20000``, ``anchors_per_step=3``); for benchmarks and investigations. ValueError on an
+    unknown field or a value of the wrong type."""
+    cfg = FitConfig.from_dict(cfg.to_dict())
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ValueError(f"{item!r}: the value is not JSON") from None
+        *path, name = key.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part, None)
+            if not dataclasses.is_dataclass(obj):
+                raise ValueError(f"{item!r}: no config section {part!r}")
+        if name not in {f.name for f in dataclasses.fields(obj)}:
+            raise ValueError(f"{item!r}: no field {name!r}")
+        old = getattr(obj, name)
+        if isinstance(old, tuple):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif type(value) is not type(old) and not isinstance(old, dict):
+            raise ValueError(f"{item!r}: {key} is a {type(old).__name__}")
+        setattr(obj, name, value)
+    return cfg
 
 
 def paper() -> FitConfig:

@@ -159,3 +159,19 @@ def test_render_command_writes_rgba_pngs(toy_dir, tmp_path, capsys):
     assert cli.main(["render", str(tmp_path / "o"), "--cameras", str(tmp_path / "bad.json"),
                      "-o", str(tmp_path / "img2")]) == 2
     assert "lacks" in capsys.readouterr().err
+
+
+def test_config_overrides_copy_the_preset_and_check_names_and_types():
+    from stag4d_backend.config import preview, with_overrides
+
+    base = preview()
+    cfg = with_overrides(base, ["anchors_per_step=6", "densify.max_gaussians=20000", "lambda_rgb=1",
+                                "view_resolutions=[[0, 128], [1500, 256]]"])
+    assert (cfg.anchors_per_step, cfg.densify.max_gaussians, cfg.lambda_rgb) == (6, 20000, 1.0)
+    assert cfg.view_resolutions == ((0, 128), (1500, 256))
+    assert (base.anchors_per_step, base.densify.max_gaussians) == (2, 60000)   # the preset is left alone
+    for bad, why in [("nope=1", "no field"), ("densify.nope=1", "no field"), ("nope.x=1", "no config section"),
+                     ("anchors_per_step=1.5", "is a int"), ("anchors_per_step", "KEY=VALUE"),
+                     ("lambda_rgb=x", "not JSON")]:
+        with pytest.raises(ValueError, match=why):
+            with_overrides(base, [bad])
