@@ -23,6 +23,8 @@ from .gaussians.densify import AdaptiveDensification
 GUIDANCE_CHOICES = ("anchors", "sds", "sds+anchors")
 # Weight of the keep-inside-every-view term (fitting/in_view.py) in the presets that use it.
 IN_VIEW_WEIGHT = 100.0
+# Weight of the keep-on-the-silhouette term (fitting/in_view.py) in the presets that use it.
+IN_SILHOUETTE_WEIGHT = 100.0
 # Views off the silhouette that make a Gaussian a stray at a densification event (FitConfig.stray_min_views).
 STRAY_MIN_VIEWS = 2
 
@@ -51,6 +53,10 @@ class FitConfig:
     # Keep every deformed Gaussian inside the image of every training view (fitting/in_view.py); 0 = off (the
     # authors have no such term). Sum over Gaussians of the squared overshoot in normalised image units.
     lambda_in_view: float = 0.0
+    # Keep every deformed centre on the object's silhouette (grown by ``silhouette_margin``) in every training view
+    # with a matte, at the frame being trained (fitting/in_view.py); 0 = off (the authors have no such term).
+    # Sum over Gaussians and views of the squared distance in units of the image side.
+    lambda_in_silhouette: float = 0.0
     # At each densification event, a Gaussian whose centre is off the object's silhouette (outside the image, or
     # on background beyond ``silhouette_margin`` x the image side) in at least this many training views at some
     # frame is neither cloned nor split and is pruned (fitting/in_view.py); 0 = off (the authors' rule).
@@ -157,7 +163,7 @@ def paper() -> FitConfig:
 
 def standard() -> FitConfig:
     return FitConfig(preset="standard", guidance="sds+anchors", iters=6000, coarse_iters=500,
-                     lambda_in_view=IN_VIEW_WEIGHT, stray_min_views=STRAY_MIN_VIEWS,
+                     lambda_in_view=IN_VIEW_WEIGHT, lambda_in_silhouette=IN_SILHOUETTE_WEIGHT, stray_min_views=STRAY_MIN_VIEWS,
                      deformation=DeformationConfig(time_mapping="symmetric"),
                      densify=AdaptiveDensification(refine_start=900, refine_stop=4500))
 
@@ -167,7 +173,7 @@ def preview() -> FitConfig:
         preset="preview", guidance="anchors", iters=3000, coarse_iters=300, batch_size=1,
         ref_resolution=256, anchor_resolution=256, view_resolutions=((0.0, 256),),
         anchors_per_step=2, ramp_iters=1, lr_max_steps=3000,
-        num_pts=5000, checkpoint_every=250, lambda_in_view=IN_VIEW_WEIGHT, stray_min_views=STRAY_MIN_VIEWS,
+        num_pts=5000, checkpoint_every=250, lambda_in_view=IN_VIEW_WEIGHT, lambda_in_silhouette=IN_SILHOUETTE_WEIGHT, stray_min_views=STRAY_MIN_VIEWS,
         lr={"xyz": (1.6e-3, 1.6e-5), "deformation": (1.6e-3, 1.6e-4), "grid": (1.6e-2, 1.6e-3),
             "f_dc": (5e-3, 5e-3), "f_rest": (2.5e-4, 2.5e-4), "opacity": (2e-2, 2e-2),
             "scaling": (5e-3, 5e-3), "rotation": (2e-3, 2e-3)},
@@ -183,7 +189,7 @@ def tiny() -> FitConfig:
     return FitConfig(
         preset="tiny", guidance="anchors", iters=40, coarse_iters=10, batch_size=1, ref_resolution=32,
         anchor_resolution=32, view_resolutions=((0.0, 32),), ramp_iters=1, lr_max_steps=40, num_pts=300,
-        checkpoint_every=10, anchors_per_step=1, lambda_in_view=IN_VIEW_WEIGHT,
+        checkpoint_every=10, anchors_per_step=1, lambda_in_view=IN_VIEW_WEIGHT, lambda_in_silhouette=IN_SILHOUETTE_WEIGHT,
         deformation=DeformationConfig(resolution=(8, 8, 8, 4), multires=(1,), feature_dim=8, width=16),
         densify=AdaptiveDensification(refine_start=15, refine_stop=35, refine_every=10, densify_fraction=0.05,
                                       max_gaussians=2000),

@@ -9,7 +9,7 @@ import torch
 from stag4d_backend.config import get_preset
 from stag4d_backend.dataset import load_frames
 from stag4d_backend.example_scene import ExampleCreature, write_stag4d_layout
-from stag4d_backend.fitting.in_view import TrainingViews
+from stag4d_backend.fitting.in_view import TrainingViews, silhouette_distance
 from stag4d_backend.fitting.trainer import Trainer
 
 FAR = 1.7  # floaters: farther than 1.7 object radii from the centre at some frame
@@ -51,20 +51,23 @@ def toy_data(tmp_path_factory):
     return load_frames(root, 32, 32), centre, radius
 
 
-def _push_out(trainer: Trainer, index: int, frame: int, target: torch.Tensor) -> None:
-    """Teach the (real) deformation field to carry Gaussian ``index`` to ``target`` at ``frame`` while the others
-    and the other frames stay where they are: a floater at one time, built directly."""
+def _push_out(trainer: Trainer, index: int, frame: int, target: torch.Tensor, shrink: float = 0.0) -> None:
+    """Teach the (real) deformation field to carry Gaussian ``index`` to ``target`` at ``frame`` (and to shrink
+    its log-scales by ``shrink`` there) while the others and the other frames stay where they are: a floater at
+    one time, built directly."""
     net, xyz = trainer.deformation, trainer.model.params["xyz"].detach()
     opt = torch.optim.Adam(net.parameters(), lr=0.02)
     F = trainer.num_frames
     for _ in range(300):
         opt.zero_grad()
-        dx = torch.stack([net.deltas(xyz, f / F)[0] for f in range(F)])  # [F, N, 3]
-        want = torch.zeros_like(dx)
+        d = [net.deltas(xyz, f / F) for f in range(F)]
+        dx, ds = torch.stack([x for x, _, _ in d]), torch.stack([s for _, s, _ in d])  # [F, N, 3] each
+        want, want_s = torch.zeros_like(dx), torch.zeros_like(ds)
         want[frame, index] = target - xyz[index]
+        want_s[frame, index] = -shrink
         weight = torch.ones(F, xyz.shape[0], 1)
         weight[frame, index] = 100.0
-        (weight * (dx - want) ** 2).sum().backward()
+        (weight * ((dx - want) ** 2 + (ds - want_s) ** 2)).sum().backward()
         opt.step()
     # Adam's moments of the construction must not leak into the fit.
     trainer.optimizer = trainer._make_optimizer()
@@ -84,8 +87,8 @@ def _floaters(trainer: Trainer, centre, radius) -> torch.Tensor:
 def test_a_gaussian_pushed_out_of_every_view_at_one_frame_does_not_survive(toy_data, lambda_in_view):
     data, centre, radius = toy_data
     cfg = get_preset("tiny")
-    if lambda_in_view is not None:  # None: the preset's own value (the fix); 0: the control without it
-        cfg = dataclasses.replace(cfg, lambda_in_view=lambda_in_view)
+    if lambda_in_view is not None:  # None: the preset's own values (the fix); 0: the control without either term
+        cfg = dataclasses.replace(cfg, lambda_in_view=lambda_in_view, lambda_in_silhouette=0.0)
     cfg = dataclasses.replace(cfg, iters=160, coarse_iters=10, densify=dataclasses.replace(
         cfg.densify, refine_start=1000, refine_stop=1000))  # no densification: follow one Gaussian by index
     torch.manual_seed(0)
@@ -200,3 +203,68 @@ def test_an_unaligned_fit_is_not_pruned_away_by_the_silhouette_check(toy_data):
     saved = kept["num_after"] - pruned["num_after"]
     assert 0.1 * kept["num_before"] < saved <= kept["num_stray"]
     assert pruned["num_prune"] - kept["num_prune"] == saved
+
+
+def test_silhouette_loss_is_zero_on_the_object_and_pulls_a_parked_point_onto_it():
+    views = TrainingViews.for_fit(2.0, 49.1)
+    square = torch.zeros(64, 64)
+    square[24:40, 24:40] = 1.0  # the object: a square in the middle of every view (half-side 0.125 of the image)
+    maps = torch.stack([silhouette_distance(square, 0.0)] * 7)
+    assert maps[0, 32, 32] == 0 and maps[0, 32, 0] == pytest.approx(24 / 64)  # in units of the image side
+    assert torch.equal(silhouette_distance(torch.zeros(64, 64), 0.02), torch.zeros(64, 64))  # no matte: no pull
+    on = torch.tensor([[0.0, 0.0, 0.0], [0.05, -0.05, 0.02]], requires_grad=True)
+    views.silhouette_loss(on, maps).backward()
+    assert torch.equal(on.grad, torch.zeros_like(on))
+    # Above the object, inside every image (so the in_view loss is 0 there) but off every silhouette.
+    parked = torch.tensor([[0.0, 0.7, 0.0]], requires_grad=True)
+    assert torch.equal(views.overshoot(parked.detach()), torch.zeros(7, 1))
+    assert views.off_silhouette(parked.detach(), [square] * 7, margin=0.0).item() == 7
+    opt = torch.optim.Adam([parked], lr=0.02)
+    for _ in range(200):
+        opt.zero_grad()
+        views.silhouette_loss(parked, maps).backward()
+        opt.step()
+    assert views.off_silhouette(parked.detach(), [square] * 7, margin=0.03).item() == 0
+    assert parked.detach().norm().item() < 0.35
+
+
+@pytest.mark.parametrize("lambda_in_silhouette", [0.0, None])
+def test_the_silhouette_term_reaches_the_field_at_the_trained_frame(toy_data, lambda_in_silhouette):
+    """The squashing ball's floaters: the field hides a Gaussian at a frame by shrinking it to nothing and parking
+    it beside the object, inside every image, where no photometric loss and no in_view loss sees it. Here the
+    photometric terms and the field's regulariser are off, so only the silhouette term can bring it back: through the deformation field, at the
+    frame the step trains (the control without the term leaves it parked: the test can fail)."""
+    data, centre, radius = toy_data
+    cfg = get_preset("tiny")
+    cfg = dataclasses.replace(cfg, iters=160, coarse_iters=10, lambda_rgb=0.0, lambda_alpha=0.0,
+                              lambda_anchor_rgb=0.0, lambda_anchor_alpha=0.0,
+                              deformation=dataclasses.replace(cfg.deformation, plane_tv_weight=0.0,
+                                                              time_smoothness_weight=0.0, l1_time_planes_weight=0.0),
+                              densify=dataclasses.replace(
+                                  cfg.densify, refine_start=1000, refine_stop=1000))  # follow one Gaussian by index
+    if lambda_in_silhouette is not None:  # None: the preset's own value (the fix); 0: the control without it
+        cfg = dataclasses.replace(cfg, lambda_in_silhouette=lambda_in_silhouette)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, data)
+    for _ in range(cfg.coarse_iters):
+        trainer.step()
+    op = torch.sigmoid(trainer.model.params["opacity"].detach()).reshape(-1)
+    index = int(torch.argmin((op - 0.15).abs()))  # as faint as the ball's floaters (median opacity 0.15)
+    # 1.85 radii out on a diagonal: inside the image of every training view, off the object in most of them.
+    target = centre + 1.85 * radius * torch.tensor([1.0, 1.0, 1.0]) / 3 ** 0.5
+    _push_out(trainer, index, frame=3, target=target, shrink=8.0)
+    pushed = trainer.gaussians_at(3 / 4)
+    assert not trainer.training_views.outside_any(pushed.means.detach()[index: index + 1]).item()
+    assert pushed.scales.detach()[index].max() < 1e-3
+    assert _floaters(trainer, centre, radius)[index]
+
+    while trainer.it < cfg.iters:
+        trainer.step()
+    at_frame_3 = trainer.gaussians_at(3 / 4).means.detach()[index]
+    if lambda_in_silhouette == 0.0:
+        assert _floaters(trainer, centre, radius)[index] and (at_frame_3 - centre).norm() > 1.7 * radius
+    else:
+        assert cfg.lambda_in_silhouette > 0
+        assert not _floaters(trainer, centre, radius)[index]
+        assert trainer.silhouette_views.off_silhouette(at_frame_3[None], [
+            data.ref_mask[3]] + [data.anchor_mask[3, k] for k in range(6)], margin=0.05).item() <= 1

@@ -6,6 +6,12 @@ every training camera none at all, so it stays there as a stray splat; densifica
 included (measured: docs/fitting.md "Stray Gaussians", docs/benchmarks.md). Two cures live here:
 - the ``in_view`` loss (``TrainingViews.loss``): every deformed Gaussian inside the image of every training camera
   (the front view and the six anchor poses); zero inside, so it does not bias what the data constrains;
+- the ``in_silhouette`` loss (``TrainingViews.silhouette_loss``): every deformed centre on the object's (grown)
+  silhouette in every training view with a matte, at the frame being trained. The field can also hide a
+  Gaussian by shrinking it to nothing and parking it off the object (the squashing ball's contact frames:
+  scales 100x smaller, 2 radii above the ball); such a Gaussian draws nothing, so no photometric loss sees it,
+  but its centre is still a point of the object's animated point cache. Zero on the object, so it does not bias
+  what the images constrain;
 - the silhouette check (``TrainingViews.off_silhouette``): in how many training views a centre is off the matte,
   used at densification events to keep strays from being copied and to prune them.
 ``count_out_of_view`` is the bake's reported check.
@@ -65,6 +71,18 @@ class TrainingViews:
         return torch.square(self.overshoot(means)).sum()
 
 
+    def silhouette_loss(self, means: torch.Tensor, distance_maps: torch.Tensor) -> torch.Tensor:
+        """Sum over Gaussians and cameras of the squared distance of each centre from the camera's (grown)
+        silhouette, in units of the image side: 0 on the object, growing away from it. ``distance_maps``
+        [C, S, S] from :func:`silhouette_distance`, in this object's camera order. Points behind a camera add
+        nothing; points outside an image get the border's distance (``loss`` pulls them in)."""
+        pc = torch.einsum("cij,nj->cni", self.R.to(means.dtype), means) + self.t.to(means.dtype)[:, None, :]
+        z = pc[..., 2]
+        ndc = pc[..., :2] / (z.clamp_min(1e-6)[..., None] * self.tan_half.to(means.dtype)[:, None, None])
+        d = torch.nn.functional.grid_sample(distance_maps[:, None].to(means.dtype), ndc[:, None], mode="bilinear",
+                                            padding_mode="border", align_corners=False)[:, 0, 0]   # [C, N]
+        return torch.square(d * (z > 0)).sum()
+
     @torch.no_grad()
     def off_silhouette(self, means: torch.Tensor, masks: list[torch.Tensor], margin: float = 0.02) -> torch.Tensor:
         """[N] number of cameras in whose image the point falls outside the object's silhouette: outside the
@@ -93,6 +111,23 @@ def dilate_mask(mask: torch.Tensor, margin: float) -> torch.Tensor:
     return torch.nn.functional.max_pool2d(mask[None, None].float(), 2 * radius + 1, 1, radius)[0, 0]
 
 
+def silhouette_distance(mask: torch.Tensor, margin: float, size: int = 128) -> torch.Tensor:
+    """[size, size] distance of each pixel from the matte grown by ``margin`` (both as fractions of the image
+    side; 0 on the grown matte). The matte is reduced to ``size`` by max pooling, so the object never shrinks.
+    All zeros for an empty matte (nothing to keep Gaussians near)."""
+    import numpy as np
+    from scipy.ndimage import distance_transform_edt
+
+    grown = dilate_mask(mask.float(), margin) > 0.5
+    side = grown.shape[-1]
+    if side > size and side % size == 0:
+        grown = torch.nn.functional.max_pool2d(grown[None, None].float(), side // size)[0, 0] > 0.5
+    if not bool(grown.any()):
+        return torch.zeros(grown.shape, dtype=torch.float32)
+    dist = distance_transform_edt(~grown.cpu().numpy())
+    return torch.from_numpy(np.asarray(dist, dtype=np.float32) / grown.shape[-1])
+
+
 VISIBLE_OPACITY = 0.05
 
 
@@ -111,4 +146,4 @@ def count_out_of_view(views: TrainingViews, positions: torch.Tensor, opacities: 
     return {"count": int(out.sum()), "visible": int(vis.sum()), "frames": per_frame}
 
 
-__all__ = ["TrainingViews", "count_out_of_view", "dilate_mask", "VISIBLE_OPACITY"]
+__all__ = ["TrainingViews", "count_out_of_view", "dilate_mask", "silhouette_distance", "VISIBLE_OPACITY"]

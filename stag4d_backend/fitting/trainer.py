@@ -26,7 +26,7 @@ from ..gaussians.schedules import log_linear_lr
 from ..guidance.base import ScoreDistillation
 from ..render import rasterize
 from ..render.cameras import OrbitCamera, anchor_cameras, to_torch
-from .in_view import TrainingViews, dilate_mask
+from .in_view import TrainingViews, dilate_mask, silhouette_distance
 from .views import choose_conditioning, sample_random_view
 
 WHITE = (1.0, 1.0, 1.0)
@@ -74,6 +74,7 @@ class Trainer:
         self.silhouette_views = self.training_views if data.has_anchors else TrainingViews(
             [self.front.camera], self.device)
         self._grown_masks = None
+        self._distance_maps = None
 
         init_gen = torch.Generator().manual_seed(cfg.seed)
         self.model = GaussianModel.init_random_ball(cfg.num_pts, cfg.init_radius, generator=init_gen,
@@ -158,6 +159,10 @@ class Trainer:
                 l_in_view = self.training_views.loss(g.means)
                 total = total + cfg.lambda_in_view * l_in_view
                 terms["in_view"] += l_in_view.item()
+            if cfg.lambda_in_silhouette > 0:
+                l_in_sil = self.silhouette_views.silhouette_loss(g.means, self.distance_maps(f))
+                total = total + cfg.lambda_in_silhouette * l_in_sil
+                terms["in_silhouette"] += l_in_sil.item()
 
             if self.use_anchors:
                 ks = torch.randperm(6, generator=self.generator)[: cfg.anchors_per_step].tolist()
@@ -222,6 +227,17 @@ class Trainer:
         if event is not None:
             stats["densify"] = event
         return stats
+
+    def distance_maps(self, f: int) -> torch.Tensor:
+        """[C, S, S] distance from the grown silhouette of frame ``f`` in each view with a matte (computed once)."""
+        if self._distance_maps is None:
+            m = self.cfg.silhouette_margin
+            self._distance_maps = torch.stack([torch.stack(
+                [silhouette_distance(self.ref_mask[i], m)] + ([silhouette_distance(self.anchor_mask[i, k], m)
+                                                                for k in range(self.anchor_mask.shape[1])]
+                                                               if self.data.has_anchors else []))
+                for i in range(self.num_frames)]).to(self.device)
+        return self._distance_maps[f]
 
     @torch.no_grad()
     def stray_gaussians(self) -> torch.Tensor:
