@@ -47,11 +47,21 @@ class TrainingViews:
         front = OrbitCamera(input_elevation, 0.0, radius, fovy, 64)
         return cls([front] + anchor_cameras(64, anchor_radius or radius, fovy, input_elevation), device)
 
+    def _camera_points(self, means: torch.Tensor) -> torch.Tensor:
+        """[C, N, 3] the points in each camera's coordinates (OpenCV: x right, y down, z forward)."""
+        return torch.einsum("cij,nj->cni", self.R.to(means.dtype), means) + self.t.to(means.dtype)[:, None, :]
+
+    def _ndc(self, means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z [C, N], ndc [C, N, 2]): depth and normalised image position (-1..1 across the image)."""
+        pc = self._camera_points(means)
+        z = pc[..., 2]
+        return z, pc[..., :2] / (z.clamp_min(1e-6)[..., None] * self.tan_half.to(means.dtype)[:, None, None])
+
     def overshoot(self, means: torch.Tensor) -> torch.Tensor:
         """[C, N] how far each point is outside each camera's viewing pyramid, in units of the camera distance
         (0 inside): ``(relu(|x| - z tan) + relu(|y| - z tan)) / distance`` in camera coordinates. Defined and
         pointing back inside for every point, including points behind the camera (z <= 0)."""
-        pc = torch.einsum("cij,nj->cni", self.R.to(means.dtype), means) + self.t.to(means.dtype)[:, None, :]
+        pc = self._camera_points(means)
         half = pc[..., 2] * self.tan_half.to(means.dtype)[:, None]  # half the image width at that depth
         side = torch.relu(pc[..., 0].abs() - half) + torch.relu(pc[..., 1].abs() - half)
         return side / self.distance.to(means.dtype)[:, None]
@@ -76,9 +86,7 @@ class TrainingViews:
         silhouette, in units of the image side: 0 on the object, growing away from it. ``distance_maps``
         [C, S, S] from :func:`silhouette_distance`, in this object's camera order. Points behind a camera add
         nothing; points outside an image get the border's distance (``loss`` pulls them in)."""
-        pc = torch.einsum("cij,nj->cni", self.R.to(means.dtype), means) + self.t.to(means.dtype)[:, None, :]
-        z = pc[..., 2]
-        ndc = pc[..., :2] / (z.clamp_min(1e-6)[..., None] * self.tan_half.to(means.dtype)[:, None, None])
+        z, ndc = self._ndc(means)
         d = torch.nn.functional.grid_sample(distance_maps[:, None].to(means.dtype), ndc[:, None], mode="bilinear",
                                             padding_mode="border", align_corners=False)[:, 0, 0]   # [C, N]
         return torch.square(d * (z > 0)).sum()
@@ -89,12 +97,11 @@ class TrainingViews:
         image, or on background farther than ``margin`` (a fraction of the image side) from the mask. ``masks``:
         one [H, W] matte per camera, in this object's camera order."""
         count = torch.zeros(means.shape[0], dtype=torch.long, device=means.device)
-        pc = torch.einsum("cij,nj->cni", self.R.to(means.dtype), means) + self.t.to(means.dtype)[:, None, :]
+        z_all, ndc_all = self._ndc(means)
         for c, mask in enumerate(masks):
             size = mask.shape[-1]
             grown = dilate_mask(mask, margin)
-            z = pc[c, :, 2]
-            ndc = pc[c, :, :2] / (z.clamp_min(1e-6)[:, None] * self.tan_half[c].to(means.dtype))
+            z, ndc = z_all[c], ndc_all[c]
             pix = ((ndc + 1.0) * 0.5 * size).floor().long()  # OpenCV camera: x right, y down
             inside = (z > 0) & (pix >= 0).all(1) & (pix < size).all(1)
             pix = pix.clamp(0, size - 1)

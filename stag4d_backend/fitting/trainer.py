@@ -228,15 +228,17 @@ class Trainer:
             stats["densify"] = event
         return stats
 
+    def _mattes(self, f: int) -> list[torch.Tensor]:
+        """The mattes of frame ``f`` in ``silhouette_views`` order: the front, then the anchors when present."""
+        anchors = [self.anchor_mask[f, k] for k in range(self.anchor_mask.shape[1])] if self.data.has_anchors else []
+        return [self.ref_mask[f]] + anchors
+
     def distance_maps(self, f: int) -> torch.Tensor:
         """[C, S, S] distance from the grown silhouette of frame ``f`` in each view with a matte (computed once)."""
         if self._distance_maps is None:
             m = self.cfg.silhouette_margin
-            self._distance_maps = torch.stack([torch.stack(
-                [silhouette_distance(self.ref_mask[i], m)] + ([silhouette_distance(self.anchor_mask[i, k], m)
-                                                                for k in range(self.anchor_mask.shape[1])]
-                                                               if self.data.has_anchors else []))
-                for i in range(self.num_frames)]).to(self.device)
+            self._distance_maps = torch.stack([torch.stack([silhouette_distance(mask, m) for mask in self._mattes(i)])
+                                               for i in range(self.num_frames)]).to(self.device)
         return self._distance_maps[f]
 
     @torch.no_grad()
@@ -245,9 +247,8 @@ class Trainer:
         (centre outside the image or on background beyond the margin). The data explains no such Gaussian there."""
         if self._grown_masks is None:  # the mattes grown by the margin, once (bool: small)
             m = self.cfg.silhouette_margin
-            self._grown_masks = [[dilate_mask(self.ref_mask[f], m) > 0.5] + (
-                [dilate_mask(self.anchor_mask[f, k], m) > 0.5 for k in range(self.anchor_mask.shape[1])]
-                if self.data.has_anchors else []) for f in range(self.num_frames)]
+            self._grown_masks = [[dilate_mask(mask, m) > 0.5 for mask in self._mattes(f)]
+                                 for f in range(self.num_frames)]
         stray = torch.zeros(self.model.num_points, dtype=torch.bool, device=self.device)
         for f in range(self.num_frames):
             means = self.gaussians_at(f / self.num_frames).means
