@@ -1,8 +1,9 @@
 """The "Gaussian splats" geometry-nodes group and its two materials, built in Python (no asset .blend to lose).
 
 Each Gaussian becomes an instance of one square through its centre, parallel to the active camera's image plane
-(the instance rotation is the camera's, one value for all) and scaled by the Gaussian's largest blurred sigma, so
-it covers the splat's ``Extent``-sigma footprint. Every camera ray crosses each square once, at the centre's depth
+(the instance rotation is the camera's, one value for all) and scaled per axis to the box of the Gaussian's
+blurred footprint along the camera's x and y, so it covers the splat's ``Extent``-sigma footprint and little more
+(a ray pays one transparent bounce for every square it crosses, seen or not). Every camera ray crosses each square once, at the centre's depth
 along the camera axis: the key the backend's rasteriser sorts by, so Cycles composites them in its order. The
 instances stay instances (never realised or re-transformed), so a frame change only re-evaluates point fields,
 and the renderers share one 2-triangle mesh.
@@ -38,7 +39,8 @@ POINTS_MATERIAL = "STAG4D points"
 # 5: a camera-facing square through each Gaussian's centre instead of an ico sphere (one crossing per ray, at the
 #    centre's depth: the rasteriser's order; 2 triangles instead of 80).
 # 6: squares turned by the instance rotation only, the Gaussian's frame passed to the material (cheaper).
-VERSION = 6
+# 7: each square shrunk to its Gaussian's footprint box along the camera's axes (fewer transparent hits per ray).
+VERSION = 7
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
 # The square (parallel to the image plane, half-width Extent x the largest sigma) is 25 % wider: rays slanted by up
@@ -95,22 +97,53 @@ def _vmath(nodes, op, x, y, a, b=None, links=None):
     return n.outputs["Value" if op in ("DOT_PRODUCT", "LENGTH", "DISTANCE") else "Vector"]
 
 
-def _to_gaussian(nodes, links, vec, x, y):
-    """The square's object coordinates -> the Gaussian's: rotate by the rotation vector, scale by k."""
+def _frame_attributes(nodes, x, y):
+    """The instancer attributes the splat material reads: the rotation vector and k (_billboard_frame)."""
     rotvec = nodes.new("ShaderNodeAttribute")
     rotvec.attribute_type, rotvec.attribute_name = "INSTANCER", ROTVEC_ATTR
-    rotvec.location = (x - 350, y)
+    rotvec.location = (x, y)
     k = nodes.new("ShaderNodeAttribute")
     k.attribute_type, k.attribute_name = "INSTANCER", K_ATTR
-    k.location = (x - 200, y - 300)
-    angle = _vmath(nodes, "LENGTH", x - 150, y - 150, rotvec.outputs["Vector"], links=links)
+    k.location = (x, y - 200)
+    return rotvec.outputs["Vector"], k.outputs["Vector"]
+
+
+def _rotate(nodes, links, vec, rotvec, x, y):
+    """``vec`` turned by the rotation vector (axis x angle)."""
+    angle = _vmath(nodes, "LENGTH", x - 150, y - 150, rotvec, links=links)
     rot = nodes.new("ShaderNodeVectorRotate")
     rot.rotation_type = "AXIS_ANGLE"
     rot.location = (x, y)
-    links.new(vec, rot.inputs["Vector"])
-    links.new(rotvec.outputs["Vector"], rot.inputs["Axis"])  # normalised by the node
+    if isinstance(vec, tuple):
+        rot.inputs["Vector"].default_value = vec
+    else:
+        links.new(vec, rot.inputs["Vector"])
+    links.new(rotvec, rot.inputs["Axis"])  # normalised by the node
     links.new(angle, rot.inputs["Angle"])
-    return _vmath(nodes, "MULTIPLY", x + 150, y, rot.outputs["Vector"], k.outputs["Vector"], links=links)
+    return rot.outputs["Vector"]
+
+
+def _box_ratios(nodes, links, x, y):
+    """The instance's scale over the largest sigma, per axis of the square: (|R^-1 F e_x / k|, |R^-1 F e_y / k|, 1),
+    the footprint box's half-widths the geometry nodes gave the instance (_billboard_frame), recomputed here
+    from the same attributes so that no third attribute has to be stored per frame."""
+    rotvec, k = _frame_attributes(nodes, x - 500, y)
+    comb = nodes.new("ShaderNodeCombineXYZ")
+    comb.location = (x + 300, y)
+    comb.inputs[2].default_value = 1.0
+    for i, axis in enumerate(((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))):
+        turned = _rotate(nodes, links, axis, rotvec, x - 200, y - 250 * i)
+        ratio = _vmath(nodes, "DIVIDE", x, y - 250 * i, turned, k, links=links)
+        links.new(_vmath(nodes, "LENGTH", x + 150, y - 250 * i, ratio, links=links), comb.inputs[i])
+    return comb.outputs["Vector"]
+
+
+def _to_gaussian(nodes, links, vec, box, x, y):
+    """The square's object coordinates -> the Gaussian's: undo the box's per-axis scale, rotate by the rotation
+    vector, scale by k."""
+    rotvec, k = _frame_attributes(nodes, x - 350, y)
+    unboxed = _vmath(nodes, "MULTIPLY", x - 150, y + 100, vec, box, links=links)
+    return _vmath(nodes, "MULTIPLY", x + 150, y, _rotate(nodes, links, unboxed, rotvec, x, y), k, links=links)
 
 
 def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
@@ -129,10 +162,12 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     to_obj.vector_type, to_obj.convert_from, to_obj.convert_to = "VECTOR", "WORLD", "OBJECT"
     to_obj.location = (-1000, -100)
     links.new(geom.outputs["Incoming"], to_obj.inputs["Vector"])
-    # The square's own coordinates -> the Gaussian's: rotate by G (axis, angle), scale by k (_billboard_frame).
-    p = _to_gaussian(nodes, links, coords.outputs["Object"], -900, 250)
-    d = _vmath(nodes, "NORMALIZE", -800, -100, _to_gaussian(nodes, links, to_obj.outputs["Vector"], -900, -250),
-               links=links)
+    # The square's own coordinates -> the Gaussian's: undo the box, rotate by G (axis, angle), scale by k
+    # (_billboard_frame).
+    box = _box_ratios(nodes, links, -1500, 700)
+    p = _to_gaussian(nodes, links, coords.outputs["Object"], box, -900, 250)
+    d = _vmath(nodes, "NORMALIZE", -800, -100,
+               _to_gaussian(nodes, links, to_obj.outputs["Vector"], box, -900, -250), links=links)
     pd = _vmath(nodes, "DOT_PRODUCT", -600, 0, p, d, links=links)
     pp = _vmath(nodes, "DOT_PRODUCT", -600, 200, p, p, links=links)
     # d^2 = |p|^2 - (p . d)^2: squared distance of the ray from the Gaussian's centre, in sigmas.
@@ -399,8 +434,8 @@ def _blurred_scales(nodes, links, gin, scales):
 
 def _billboard_frame(nodes, links, geometry, inst, orient, blurred, cam_rot):
     """Each square lies parallel to the camera's image plane through its Gaussian's centre (instance rotation =
-    the camera's, one value for all), scaled by the largest blurred sigma (the square is 2 x Extent x margin of
-    those: it covers the splat). Every ray crosses it at the depth of the centre along the camera axis: the
+    the camera's, one value for all), scaled along the camera's x and y by the footprint's box (the square is
+    2 x Extent x margin of those: it covers the splat) and by the largest blurred sigma on z. Every ray crosses it at the depth of the centre along the camera axis: the
     rasteriser's sort key. The material needs the Gaussian's own space, g = S^-1 R^-1 (x - centre) =
     (S^-1 sigma_max) R^-1 F o for the square's object coordinates o: the points carry R^-1 F as a rotation vector
     (axis x angle) and k = sigma_max / S, read by the material as instancer attributes. Only fields on points
@@ -437,8 +472,24 @@ def _billboard_frame(nodes, links, geometry, inst, orient, blurred, cam_rot):
         links.new(out, store.inputs["Geometry"])
         links.new(value, store.inputs["Value"])
         out = store.outputs["Geometry"]
+    # The square's half-widths along the camera's x and y: the footprint's box, sqrt(u^T Sigma u) = |S R^-1 F u|
+    # for u = e_x, e_y (the support of the Gaussian's ellipsoid in those directions), instead of the largest sigma
+    # on both: thin or tilted splats then cover 2-4x fewer pixels, and each ray crosses that many fewer squares
+    # that show nothing there. The third axis keeps the largest sigma (the material's _box_ratios).
+    box = nodes.new("ShaderNodeCombineXYZ")
+    box.location = (400, -1700)
+    for i, axis in enumerate(((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))):
+        turned = nodes.new("FunctionNodeRotateVector")
+        turned.location = (0, -1700 - 150 * i)
+        turned.inputs["Vector"].default_value = axis
+        links.new(combined.outputs[0], turned.inputs["Rotation"])
+        support = _vmath(nodes, "LENGTH", 250, -1700 - 150 * i,
+                         _vmath(nodes, "MULTIPLY", 150, -1700 - 150 * i, turned.outputs[0], blurred, links=links),
+                         links=links)
+        links.new(support, box.inputs[i])
+    links.new(largest, box.inputs[2])
     links.new(cam_rot, inst.inputs["Rotation"])
-    links.new(largest, inst.inputs["Scale"])
+    links.new(box.outputs[0], inst.inputs["Scale"])
     return out
 
 

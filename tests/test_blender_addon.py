@@ -219,15 +219,22 @@ def test_import_job_puts_animated_splats_on_the_timeline(scene, job_dir):
         blur = splat_nodes.get_modifier_input(obj, "Pixel Angle") * np.linalg.norm(ply["xyz"][keep] - cam_obj, axis=1)
         sigma = np.sqrt(np.exp(ply["scaling"][keep]) ** 2 + splat_nodes.BLUR_PX2 * blur[:, None] ** 2)
         expected = quat_to_matrix(y_up_to_z_up_quats(q)) * sigma[:, None, :]
-        # The instance is a square parallel to the image plane (camera rotation x the largest sigma); the
-        # material's frame (rotation vector, k) takes it back to those axes: instance x Rot^-1 x diag(1 / k).
+        # The instance is a square parallel to the image plane (camera rotation x the footprint's box along the
+        # camera's x and y, the largest sigma on z); the material's frame (rotation vector, k) and the box ratios
+        # it derives from them take it back to those axes: instance x diag(1 / box) x Rot^-1 x diag(1 / k).
         evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
         geometry = evaluated.evaluated_geometry()  # kept alive while its point cloud is read
         geo = geometry.instances_pointcloud()
         rotvec, k = (np.array([a.vector for a in geo.attributes[n].data])
                      for n in (splat_nodes.ROTVEC_ATTR, splat_nodes.K_ATTR))
-        np.testing.assert_allclose(mats[:, :3, :3] @ _rodrigues(rotvec).transpose(0, 2, 1) / k[:, None, :],
+        rot = _rodrigues(rotvec)
+        box = np.stack([np.linalg.norm(rot[:, :, 0] / k, axis=1), np.linalg.norm(rot[:, :, 1] / k, axis=1),
+                        np.ones(len(k))], 1)  # as splat_nodes._box_ratios
+        np.testing.assert_allclose(mats[:, :3, :3] / box[:, None, :] @ rot.transpose(0, 2, 1) / k[:, None, :],
                                    expected, atol=1e-5)
+        # The box is the support of the Gaussian's ellipsoid along the camera's axes: never wider than the
+        # largest sigma, and narrower for the thin and tilted ones (fewer transparent hits per ray).
+        assert box.max() <= 1 + 1e-5 and box[:, :2].mean() < 0.95
         if previous is not None:  # scrubbing moves them
             assert np.abs(mats[:, :3, 3] - previous).max() > 1e-3
         previous = mats[:, :3, 3]
