@@ -39,20 +39,24 @@ POINTS_MATERIAL = "STAG4D points"
 # 5: a camera-facing square through each Gaussian's centre instead of an ico sphere (one crossing per ray, at the
 #    centre's depth: the rasteriser's order; 2 triangles instead of 80).
 # 6: squares turned by the instance rotation only, the Gaussian's frame passed to the material (cheaper).
-# 7: each square shrunk to its Gaussian's footprint box along the camera's axes (fewer transparent hits per ray).
+# 7: each square shrunk to its Gaussian's footprint box along the camera's axes, for its opacity and its slant
+#    (fewer transparent hits per ray); the material works in camera space from the instance's location.
 VERSION = 7
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
-# The square (parallel to the image plane, half-width Extent x the largest sigma) is 25 % wider: rays slanted by up
-# to ~35 degrees (image corners) see the splat's Extent-sigma footprint up to 1 / cos = 1.2 times wider there.
-QUAD_MARGIN = 1.25
+# The footprint box (_billboard_frame) is exact for rays parallel to the one through the centre; the rays of a
+# perspective camera fan out across a splat by about its size over its distance: the box is widened by
+# QUAD_MARGIN + PERSPECTIVE_MARGIN x (radius / distance) to hold them.
+QUAD_MARGIN = 1.02
+PERSPECTIVE_MARGIN = 2.0
+SLANT_LIMIT = 4.0           # |x / z| of a centre in camera space, beyond which the box stops widening (behind/aside)
 DEFAULT_MIN_OPACITY = 1.0 / 255.0
 MAX_ALPHA = 0.999           # the rasteriser's cap on one Gaussian's alpha
 # The splat material's switch between linear emission (blends in linear light, like any Blender material) and
 # sRGB-encoded emission (with the scene's display-space blending set-up: blends the sRGB values the way the
 # backend's rasteriser does; see set_display_space_blending).
 DISPLAY_SPACE_NODE = "stag4d display space"
-ROTVEC_ATTR, K_ATTR = "stag4d_rotation", "stag4d_k"  # per splat, for the material (_billboard_frame)
+ROTVEC_ATTR, INV_SIGMA_ATTR = "stag4d_rotation", "stag4d_inv_sigma"  # per splat, for the material (_billboard_frame)
 PIXEL_CENTRE_FILTER = 0.01  # Cycles' smallest pixel filter width: samples at the pixel centre, as the rasteriser
 # The backend's rasteriser (gsplat "classic") adds 0.3 px^2 to every projected covariance: thin Gaussians show at
 # least about half a pixel wide. Adding the same variance isotropically in 3D, sigma_d = sqrt(0.3) x (the angle of
@@ -87,63 +91,50 @@ def _math(nodes, op, x, y, a=None, b=None, links=None):
     return n.outputs[0]
 
 
-def _vmath(nodes, op, x, y, a, b=None, links=None):
+def _vmath(nodes, op, x, y, a, b=None, links=None, scale=None):
     n = nodes.new("ShaderNodeVectorMath")
     n.operation = op
     n.location = (x, y)
     links.new(a, n.inputs[0])
     if b is not None:
         links.new(b, n.inputs[1])
+    if scale is not None:
+        links.new(scale, n.inputs["Scale"])
     return n.outputs["Value" if op in ("DOT_PRODUCT", "LENGTH", "DISTANCE") else "Vector"]
 
 
-def _frame_attributes(nodes, x, y):
-    """The instancer attributes the splat material reads: the rotation vector and k (_billboard_frame)."""
+def _to_gaussian(nodes, links, vec, x, y):
+    """A vector in the camera's space -> the Gaussian's (in sigmas): rotate by the rotation vector R^-1 F, scale by
+    1 / sigma per axis (_billboard_frame). The instance's own scale plays no part: it only bounds the splat."""
     rotvec = nodes.new("ShaderNodeAttribute")
     rotvec.attribute_type, rotvec.attribute_name = "INSTANCER", ROTVEC_ATTR
-    rotvec.location = (x, y)
-    k = nodes.new("ShaderNodeAttribute")
-    k.attribute_type, k.attribute_name = "INSTANCER", K_ATTR
-    k.location = (x, y - 200)
-    return rotvec.outputs["Vector"], k.outputs["Vector"]
-
-
-def _rotate(nodes, links, vec, rotvec, x, y):
-    """``vec`` turned by the rotation vector (axis x angle)."""
-    angle = _vmath(nodes, "LENGTH", x - 150, y - 150, rotvec, links=links)
+    rotvec.location = (x - 350, y)
+    inv_sigma = nodes.new("ShaderNodeAttribute")
+    inv_sigma.attribute_type, inv_sigma.attribute_name = "INSTANCER", INV_SIGMA_ATTR
+    inv_sigma.location = (x - 200, y - 300)
+    angle = _vmath(nodes, "LENGTH", x - 150, y - 150, rotvec.outputs["Vector"], links=links)
     rot = nodes.new("ShaderNodeVectorRotate")
     rot.rotation_type = "AXIS_ANGLE"
     rot.location = (x, y)
-    if isinstance(vec, tuple):
-        rot.inputs["Vector"].default_value = vec
-    else:
-        links.new(vec, rot.inputs["Vector"])
-    links.new(rotvec, rot.inputs["Axis"])  # normalised by the node
+    links.new(vec, rot.inputs["Vector"])
+    links.new(rotvec.outputs["Vector"], rot.inputs["Axis"])  # normalised by the node
     links.new(angle, rot.inputs["Angle"])
-    return rot.outputs["Vector"]
+    return _vmath(nodes, "MULTIPLY", x + 150, y, rot.outputs["Vector"], inv_sigma.outputs["Vector"], links=links)
 
 
-def _box_ratios(nodes, links, x, y):
-    """The instance's scale over the largest sigma, per axis of the square: (|R^-1 F e_x / k|, |R^-1 F e_y / k|, 1),
-    the footprint box's half-widths the geometry nodes gave the instance (_billboard_frame), recomputed here
-    from the same attributes so that no third attribute has to be stored per frame."""
-    rotvec, k = _frame_attributes(nodes, x - 500, y)
-    comb = nodes.new("ShaderNodeCombineXYZ")
-    comb.location = (x + 300, y)
-    comb.inputs[2].default_value = 1.0
-    for i, axis in enumerate(((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))):
-        turned = _rotate(nodes, links, axis, rotvec, x - 200, y - 250 * i)
-        ratio = _vmath(nodes, "DIVIDE", x, y - 250 * i, turned, k, links=links)
-        links.new(_vmath(nodes, "LENGTH", x + 150, y - 250 * i, ratio, links=links), comb.inputs[i])
-    return comb.outputs["Vector"]
-
-
-def _to_gaussian(nodes, links, vec, box, x, y):
-    """The square's object coordinates -> the Gaussian's: undo the box's per-axis scale, rotate by the rotation
-    vector, scale by k."""
-    rotvec, k = _frame_attributes(nodes, x - 350, y)
-    unboxed = _vmath(nodes, "MULTIPLY", x - 150, y + 100, vec, box, links=links)
-    return _vmath(nodes, "MULTIPLY", x + 150, y, _rotate(nodes, links, unboxed, rotvec, x, y), k, links=links)
+def _to_camera(nodes, links, vec, x, y):
+    """A world vector in the camera object's frame (x right, y up, z backward): the renderers' camera space
+    looks down +z, so its z is negated back."""
+    node = nodes.new("ShaderNodeVectorTransform")
+    node.vector_type, node.convert_from, node.convert_to = "VECTOR", "WORLD", "CAMERA"
+    node.location = (x, y)
+    links.new(vec, node.inputs["Vector"])
+    flip = nodes.new("ShaderNodeVectorMath")
+    flip.operation = "MULTIPLY"
+    flip.location = (x + 150, y)
+    links.new(node.outputs["Vector"], flip.inputs[0])
+    flip.inputs[1].default_value = (1.0, 1.0, -1.0)
+    return flip.outputs["Vector"]
 
 
 def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
@@ -153,21 +144,17 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     nodes, links = nt.nodes, nt.links
     nodes.clear()
 
-    coords = nodes.new("ShaderNodeTexCoord")
-    coords.location = (-1200, 200)
     geom = nodes.new("ShaderNodeNewGeometry")
-    geom.location = (-1200, -100)
-    # The incoming (toward the viewer) direction in the instance's space, where the Gaussian is isotropic.
-    to_obj = nodes.new("ShaderNodeVectorTransform")
-    to_obj.vector_type, to_obj.convert_from, to_obj.convert_to = "VECTOR", "WORLD", "OBJECT"
-    to_obj.location = (-1000, -100)
-    links.new(geom.outputs["Incoming"], to_obj.inputs["Vector"])
-    # The square's own coordinates -> the Gaussian's: undo the box, rotate by G (axis, angle), scale by k
-    # (_billboard_frame).
-    box = _box_ratios(nodes, links, -1500, 700)
-    p = _to_gaussian(nodes, links, coords.outputs["Object"], box, -900, 250)
+    geom.location = (-1400, -100)
+    info = nodes.new("ShaderNodeObjectInfo")  # of an instance: its location, the Gaussian's centre
+    info.location = (-1400, 200)
+    # The shaded point's offset from the centre and the incoming (toward the viewer) direction, both in the
+    # camera's space, then in the Gaussian's, where it is the unit normal distribution (_billboard_frame).
+    offset = _vmath(nodes, "SUBTRACT", -1200, 200, geom.outputs["Position"], info.outputs["Location"], links=links)
+    p = _to_gaussian(nodes, links, _to_camera(nodes, links, offset, -1100, 200), -900, 250)
     d = _vmath(nodes, "NORMALIZE", -800, -100,
-               _to_gaussian(nodes, links, to_obj.outputs["Vector"], box, -900, -250), links=links)
+               _to_gaussian(nodes, links, _to_camera(nodes, links, geom.outputs["Incoming"], -1100, -100), -900,
+                            -250), links=links)
     pd = _vmath(nodes, "DOT_PRODUCT", -600, 0, p, d, links=links)
     pp = _vmath(nodes, "DOT_PRODUCT", -600, 200, p, p, links=links)
     # d^2 = |p|^2 - (p . d)^2: squared distance of the ray from the Gaussian's centre, in sigmas.
@@ -343,7 +330,7 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     side.operation = "MULTIPLY"
     side.location = (-550, 350)
     links.new(gin.outputs["Extent"], side.inputs[0])
-    side.inputs[1].default_value = 2.0 * QUAD_MARGIN
+    side.inputs[1].default_value = 2.0  # the instance's scale sizes it to the splat (_billboard_frame)
     links.new(side.outputs[0], quad.inputs["Size X"])
     links.new(side.outputs[0], quad.inputs["Size Y"])
     ico_mat = nodes.new("GeometryNodeSetMaterial")
@@ -357,8 +344,8 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     inst.location = (100, 0)
     links.new(visible.outputs[0], inst.inputs["Selection"])
     links.new(ico_mat.outputs["Geometry"], inst.inputs["Instance"])
-    blurred, cam_rot = _blurred_scales(nodes, links, gin, scales)
-    points = _billboard_frame(nodes, links, gin.outputs["Geometry"], inst, orient, blurred, cam_rot)
+    blurred, camera, dist = _blurred_scales(nodes, links, gin, scales)
+    points = _billboard_frame(nodes, links, gin, inst, orient, blurred, opacity, camera, dist)
     links.new(points, inst.inputs["Points"])
     facing = inst.outputs["Instances"]
 
@@ -429,17 +416,20 @@ def _blurred_scales(nodes, links, gin, scales):
     add.location = (-150, -700)
     links.new(sq.outputs["Vector"], add.inputs[0])
     links.new(var_px.outputs[0], add.inputs[1])
-    return _vector_sqrt(nodes, links, add.outputs["Vector"], 0, -700), info.outputs["Rotation"]
+    return _vector_sqrt(nodes, links, add.outputs["Vector"], 0, -700), info, dist.outputs["Value"]
 
 
-def _billboard_frame(nodes, links, geometry, inst, orient, blurred, cam_rot):
+def _billboard_frame(nodes, links, gin, inst, orient, blurred, opacity, camera, dist):
     """Each square lies parallel to the camera's image plane through its Gaussian's centre (instance rotation =
-    the camera's, one value for all), scaled along the camera's x and y by the footprint's box (the square is
-    2 x Extent x margin of those: it covers the splat) and by the largest blurred sigma on z. Every ray crosses it at the depth of the centre along the camera axis: the
-    rasteriser's sort key. The material needs the Gaussian's own space, g = S^-1 R^-1 (x - centre) =
-    (S^-1 sigma_max) R^-1 F o for the square's object coordinates o: the points carry R^-1 F as a rotation vector
-    (axis x angle) and k = sigma_max / S, read by the material as instancer attributes. Only fields on points
-    and a plain Instance on Points: setting instance transforms afterwards costs ~9 ms per frame at 50k."""
+    the camera's, one value for all). Every ray crosses it at the depth of the centre along the camera axis: the
+    rasteriser's sort key. The material evaluates the Gaussian in its own space, g = (lambda S)^-1 R^-1 F v for an
+    offset v from the centre in camera space (F: the camera's rotation in the object's space, lambda: the
+    object's scale): the points carry R^-1 F as a rotation vector (axis x angle) and 1 / (lambda S), read by the
+    material as instancer attributes. The instance's scale only bounds the splat, tightly: a ray pays a
+    transparent bounce for every square it crosses, whether the splat shows there or not (_splat_bound). Only
+    fields on points and a plain Instance on Points: setting instance transforms afterwards costs ~9 ms per frame
+    at 50k."""
+    cam_rot = camera.outputs["Rotation"]
     inv = nodes.new("FunctionNodeInvertRotation")
     inv.location = (0, -1350)
     links.new(orient, inv.inputs[0])
@@ -453,18 +443,18 @@ def _billboard_frame(nodes, links, geometry, inst, orient, blurred, cam_rot):
     links.new(combined.outputs[0], axis_angle.inputs[0])
     rotvec = _vmath(nodes, "SCALE", 550, -1300, axis_angle.outputs["Axis"], links=links)
     links.new(axis_angle.outputs["Angle"], rotvec.node.inputs["Scale"])
-    sep = nodes.new("ShaderNodeSeparateXYZ")
-    sep.location = (0, -1500)
-    links.new(blurred, sep.inputs[0])
-    largest = _math(nodes, "MAXIMUM", 200, -1500, _math(nodes, "MAXIMUM", 100, -1500, sep.outputs[0], sep.outputs[1],
-                                                       links=links), sep.outputs[2], links=links)
-    k = nodes.new("ShaderNodeVectorMath")
-    k.operation = "DIVIDE"
-    k.location = (400, -1500)
-    links.new(largest, k.inputs[0])
-    links.new(blurred, k.inputs[1])
-    out = geometry
-    for i, (name, value) in enumerate(((ROTVEC_ATTR, rotvec), (K_ATTR, k.outputs["Vector"]))):
+    own = nodes.new("GeometryNodeObjectInfo")  # this object's scale in the world
+    own.transform_space = "ORIGINAL"
+    own.location = (0, -1650)
+    links.new(nodes.new("GeometryNodeSelfObject").outputs[0], own.inputs["Object"])
+    world_sigma = _vmath(nodes, "MULTIPLY", 200, -1600, blurred, own.outputs["Scale"], links=links)
+    inv_sigma = nodes.new("ShaderNodeVectorMath")
+    inv_sigma.operation = "DIVIDE"
+    inv_sigma.location = (400, -1600)
+    inv_sigma.inputs[0].default_value = (1.0, 1.0, 1.0)
+    links.new(world_sigma, inv_sigma.inputs[1])
+    out = gin.outputs["Geometry"]
+    for i, (name, value) in enumerate(((ROTVEC_ATTR, rotvec), (INV_SIGMA_ATTR, inv_sigma.outputs["Vector"]))):
         store = nodes.new("GeometryNodeStoreNamedAttribute")
         store.data_type, store.domain = "FLOAT_VECTOR", "POINT"
         store.location = (700 + 180 * i, -1000)
@@ -472,25 +462,73 @@ def _billboard_frame(nodes, links, geometry, inst, orient, blurred, cam_rot):
         links.new(out, store.inputs["Geometry"])
         links.new(value, store.inputs["Value"])
         out = store.outputs["Geometry"]
-    # The square's half-widths along the camera's x and y: the footprint's box, sqrt(u^T Sigma u) = |S R^-1 F u|
-    # for u = e_x, e_y (the support of the Gaussian's ellipsoid in those directions), instead of the largest sigma
-    # on both: thin or tilted splats then cover 2-4x fewer pixels, and each ray crosses that many fewer squares
-    # that show nothing there. The third axis keeps the largest sigma (the material's _box_ratios).
-    box = nodes.new("ShaderNodeCombineXYZ")
-    box.location = (400, -1700)
-    for i, axis in enumerate(((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))):
-        turned = nodes.new("FunctionNodeRotateVector")
-        turned.location = (0, -1700 - 150 * i)
-        turned.inputs["Vector"].default_value = axis
-        links.new(combined.outputs[0], turned.inputs["Rotation"])
-        support = _vmath(nodes, "LENGTH", 250, -1700 - 150 * i,
-                         _vmath(nodes, "MULTIPLY", 150, -1700 - 150 * i, turned.outputs[0], blurred, links=links),
-                         links=links)
-        links.new(support, box.inputs[i])
-    links.new(largest, box.inputs[2])
     links.new(cam_rot, inst.inputs["Rotation"])
-    links.new(box.outputs[0], inst.inputs["Scale"])
+    links.new(_splat_bound(nodes, links, gin, combined.outputs[0], blurred, opacity, camera, dist),
+              inst.inputs["Scale"])
     return out
+
+
+def _splat_bound(nodes, links, gin, combined, blurred, opacity, camera, dist):
+    """The instance's scale: the square (2 x Extent wide) shrunk to the box, along the camera's x and y, of the
+    part of the splat the material draws. Three factors:
+    - the footprint of the Gaussian's ellipsoid on the square's plane, seen along the ray through its centre
+      (slanted by t = x / z, y / z in camera space): its half-width along the camera's x is the ellipsoid's
+      support in the direction a = (1, 0, -t_x), |S R^-1 F a| (likewise y);
+    - the radius where the material's alpha falls under 1/255, sqrt(2 ln(255 opacity)) sigmas, if under Extent:
+      faint splats are drawn smaller;
+    - a margin for the rays of a perspective camera fanning out across the splat (QUAD_MARGIN, PERSPECTIVE_MARGIN).
+    The third axis (the square is flat) keeps the largest sigma."""
+    to_cam = nodes.new("FunctionNodeInvertRotation")
+    to_cam.location = (0, -1900)
+    links.new(camera.outputs["Rotation"], to_cam.inputs[0])
+    pos = nodes.new("GeometryNodeInputPosition")
+    pos.location = (-200, -2000)
+    centre = nodes.new("FunctionNodeRotateVector")  # the centre in the camera's space
+    centre.location = (200, -1950)
+    links.new(_vmath(nodes, "SUBTRACT", 0, -2050, pos.outputs[0], camera.outputs["Location"], links=links),
+              centre.inputs["Vector"])
+    links.new(to_cam.outputs[0], centre.inputs["Rotation"])
+    xyz = nodes.new("ShaderNodeSeparateXYZ")
+    xyz.location = (350, -1950)
+    links.new(centre.outputs[0], xyz.inputs[0])
+    box = nodes.new("ShaderNodeCombineXYZ")
+    box.location = (1100, -1900)
+    for i in (0, 1):
+        y = -2100 - 250 * i
+        slant = nodes.new("ShaderNodeClamp")
+        slant.location = (650, y)
+        links.new(_math(nodes, "DIVIDE", 500, y, xyz.outputs[i], xyz.outputs[2], links=links), slant.inputs[0])
+        slant.inputs[1].default_value, slant.inputs[2].default_value = -SLANT_LIMIT, SLANT_LIMIT
+        direction = nodes.new("ShaderNodeCombineXYZ")
+        direction.location = (800, y)
+        direction.inputs[i].default_value = 1.0
+        links.new(_math(nodes, "MULTIPLY", 700, y - 80, slant.outputs[0], -1.0, links=links), direction.inputs[2])
+        turned = nodes.new("FunctionNodeRotateVector")
+        turned.location = (900, y)
+        links.new(direction.outputs[0], turned.inputs["Vector"])
+        links.new(combined, turned.inputs["Rotation"])
+        support = _vmath(nodes, "LENGTH", 1050, y,
+                         _vmath(nodes, "MULTIPLY", 950, y, turned.outputs[0], blurred, links=links), links=links)
+        links.new(support, box.inputs[i])
+    sep = nodes.new("ShaderNodeSeparateXYZ")
+    sep.location = (700, -2600)
+    links.new(blurred, sep.inputs[0])
+    largest = _math(nodes, "MAXIMUM", 900, -2600, _math(nodes, "MAXIMUM", 800, -2600, sep.outputs[0],
+                                                        sep.outputs[1], links=links), sep.outputs[2], links=links)
+    links.new(largest, box.inputs[2])
+    # sqrt(2 ln(opacity / min)): where opacity x exp(-r^2 / 2) = 1/255, the material's cut
+    log = _math(nodes, "LOGARITHM", 500, -2800, _math(nodes, "DIVIDE", 400, -2800, opacity, DEFAULT_MIN_OPACITY,
+                                                      links=links), math.e, links=links)
+    radius = _math(nodes, "MINIMUM", 800, -2800, _math(nodes, "SQRT", 700, -2800, _math(
+        nodes, "MAXIMUM", 600, -2800, _math(nodes, "MULTIPLY", 550, -2850, log, 2.0, links=links), 0.0, links=links),
+        links=links), gin.outputs["Extent"], links=links)
+    shrink = _math(nodes, "DIVIDE", 900, -2800, radius, gin.outputs["Extent"], links=links)
+    fan = _math(nodes, "MULTIPLY_ADD", 1000, -2700, _math(nodes, "DIVIDE", 950, -2700, _math(
+        nodes, "MULTIPLY", 900, -2700, radius, largest, links=links), dist, links=links), PERSPECTIVE_MARGIN,
+        links=links)
+    fan.node.inputs[2].default_value = QUAD_MARGIN
+    factor = _math(nodes, "MULTIPLY", 1100, -2750, shrink, fan, links=links)
+    return _vmath(nodes, "SCALE", 1250, -1900, box.outputs[0], links=links, scale=factor)
 
 
 def _vector_sqrt(nodes, links, vec, x, y):

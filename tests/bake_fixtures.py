@@ -96,3 +96,28 @@ def to_blender(p: np.ndarray) -> np.ndarray:
 
 __all__ = ["make_fit_dir", "moving_deformation", "creature_model", "small_fit", "mesh_fit", "quat_to_matrix",
            "to_blender", "SMALL_CFG"]
+
+
+# blender_addon/splat_nodes.py's bound of each splat square (not imported there: that module needs bpy)
+SPLAT_EXTENT, SPLAT_MIN_OPACITY, QUAD_MARGIN, PERSPECTIVE_MARGIN, SLANT_LIMIT = 3.0, 1.0 / 255.0, 1.02, 2.0, 4.0
+
+
+def splat_bound(axes: np.ndarray, centres: np.ndarray, opacity: np.ndarray, camera: np.ndarray,
+                camera_rot: np.ndarray) -> np.ndarray:
+    """The scale splat_nodes._splat_bound gives each square (N x 3), from the Gaussians' axes (N x 3 x 3, columns
+    = the axes times their sigmas), centres and opacities, and the camera's position and rotation, all in one
+    space: the ellipsoid's support along a = (1, 0, -x/z) and (0, 1, -y/z) of the centre in camera space (its
+    footprint along the ray through the centre), the largest sigma on z, all times (radius / extent) x
+    (margin + fan-out), radius = min(extent, sqrt(2 ln(opacity / min))) sigmas."""
+    local = (centres - camera) @ camera_rot  # the centres in the camera's space
+    slant = np.clip(local[:, :2] / local[:, 2:3], -SLANT_LIMIT, SLANT_LIMIT)
+    support = []
+    for i in (0, 1):
+        a = np.zeros((len(centres), 3))
+        a[:, i], a[:, 2] = 1.0, -slant[:, i]
+        support.append(np.linalg.norm(np.einsum("nij,ni->nj", axes, a @ camera_rot.T), axis=1))
+    largest = np.linalg.norm(axes, axis=1).max(1)
+    radius = np.minimum(SPLAT_EXTENT, np.sqrt(np.maximum(0.0, 2.0 * np.log(opacity / SPLAT_MIN_OPACITY))))
+    dist = np.linalg.norm(centres - camera, axis=1)
+    factor = radius / SPLAT_EXTENT * (QUAD_MARGIN + PERSPECTIVE_MARGIN * radius * largest / dist)
+    return np.stack(support + [largest], 1) * factor[:, None]

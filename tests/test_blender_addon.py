@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import blender_addon  # noqa: E402
 from blender_addon import panel, splat_nodes, state  # noqa: E402
-from bake_fixtures import make_fit_dir, quat_to_matrix, to_blender  # noqa: E402
+from bake_fixtures import make_fit_dir, quat_to_matrix, splat_bound, to_blender  # noqa: E402
+import bake_fixtures  # noqa: E402
 from stag4d_backend.gaussians.ply import load_ply  # noqa: E402
 from stag4d_backend.render.cameras import y_up_to_z_up_quats  # noqa: E402
 from stag4d_backend.stages.bake import bake  # noqa: E402
@@ -189,6 +190,13 @@ def _instances(obj):
     return np.stack([m for _, m in out])
 
 
+def test_the_tests_copy_of_the_splat_bound_constants_is_current():
+    assert (bake_fixtures.SPLAT_EXTENT, bake_fixtures.SPLAT_MIN_OPACITY, bake_fixtures.QUAD_MARGIN,
+            bake_fixtures.PERSPECTIVE_MARGIN, bake_fixtures.SLANT_LIMIT) == (
+        splat_nodes.DEFAULT_EXTENT, splat_nodes.DEFAULT_MIN_OPACITY, splat_nodes.QUAD_MARGIN,
+        splat_nodes.PERSPECTIVE_MARGIN, splat_nodes.SLANT_LIMIT)
+
+
 def test_import_job_puts_animated_splats_on_the_timeline(scene, job_dir):
     assert bpy.ops.stag4d.import_job(directory=str(job_dir)) == {"FINISHED"}
     item = scene.stag4d.jobs[0]
@@ -219,22 +227,22 @@ def test_import_job_puts_animated_splats_on_the_timeline(scene, job_dir):
         blur = splat_nodes.get_modifier_input(obj, "Pixel Angle") * np.linalg.norm(ply["xyz"][keep] - cam_obj, axis=1)
         sigma = np.sqrt(np.exp(ply["scaling"][keep]) ** 2 + splat_nodes.BLUR_PX2 * blur[:, None] ** 2)
         expected = quat_to_matrix(y_up_to_z_up_quats(q)) * sigma[:, None, :]
-        # The instance is a square parallel to the image plane (camera rotation x the footprint's box along the
-        # camera's x and y, the largest sigma on z); the material's frame (rotation vector, k) and the box ratios
-        # it derives from them take it back to those axes: instance x diag(1 / box) x Rot^-1 x diag(1 / k).
+        # The instance is a square parallel to the image plane: the camera's rotation (one for all) times the box
+        # that bounds the splat. The material's frame (rotation vector R^-1 F, 1 / sigma) takes offsets in the
+        # camera's space to the Gaussian's: camera rotation x Rot^-1 x diag(sigma) are the Gaussian's axes.
         evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
         geometry = evaluated.evaluated_geometry()  # kept alive while its point cloud is read
         geo = geometry.instances_pointcloud()
-        rotvec, k = (np.array([a.vector for a in geo.attributes[n].data])
-                     for n in (splat_nodes.ROTVEC_ATTR, splat_nodes.K_ATTR))
-        rot = _rodrigues(rotvec)
-        box = np.stack([np.linalg.norm(rot[:, :, 0] / k, axis=1), np.linalg.norm(rot[:, :, 1] / k, axis=1),
-                        np.ones(len(k))], 1)  # as splat_nodes._box_ratios
-        np.testing.assert_allclose(mats[:, :3, :3] / box[:, None, :] @ rot.transpose(0, 2, 1) / k[:, None, :],
+        rotvec, inv_sigma = (np.array([a.vector for a in geo.attributes[n].data])
+                             for n in (splat_nodes.ROTVEC_ATTR, splat_nodes.INV_SIGMA_ATTR))
+        bound = np.linalg.norm(mats[:, :3, :3], axis=1)
+        camera_rot = mats[:, :3, :3] / bound[:, None, :]
+        np.testing.assert_allclose(camera_rot, np.broadcast_to(camera_rot[0], camera_rot.shape), atol=1e-5)
+        np.testing.assert_allclose(camera_rot @ _rodrigues(rotvec).transpose(0, 2, 1) / inv_sigma[:, None, :],
                                    expected, atol=1e-5)
-        # The box is the support of the Gaussian's ellipsoid along the camera's axes: never wider than the
-        # largest sigma, and narrower for the thin and tilted ones (fewer transparent hits per ray).
-        assert box.max() <= 1 + 1e-5 and box[:, :2].mean() < 0.95
+        # The bound: the footprint's box for the splat's slant and opacity (the renders show it hides nothing).
+        np.testing.assert_allclose(bound, splat_bound(expected, mats[:, :3, 3], opacity[keep], cam, camera_rot[0]),
+                                   rtol=1e-4)
         if previous is not None:  # scrubbing moves them
             assert np.abs(mats[:, :3, 3] - previous).max() > 1e-3
         previous = mats[:, :3, 3]
@@ -293,7 +301,7 @@ def test_splat_node_group_is_rebuilt_once_and_survives_save(scene, job_dir, tmp_
     assert mat.surface_render_method == "DITHERED"
     attrs = {(n.attribute_type, n.attribute_name) for n in mat.node_tree.nodes if n.type == "ATTRIBUTE"}
     assert attrs == {("INSTANCER", "displayColor"), ("INSTANCER", "opacity"),
-                     ("INSTANCER", splat_nodes.ROTVEC_ATTR), ("INSTANCER", splat_nodes.K_ATTR)}
+                     ("INSTANCER", splat_nodes.ROTVEC_ATTR), ("INSTANCER", splat_nodes.INV_SIGMA_ATTR)}
 
 
 # ---- renders -------------------------------------------------------------------------------------------------

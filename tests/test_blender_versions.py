@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "install_scripts"))
 
 import build_addon  # noqa: E402
-from bake_fixtures import make_fit_dir, quat_to_matrix, to_blender  # noqa: E402
+from bake_fixtures import make_fit_dir, quat_to_matrix, splat_bound, to_blender  # noqa: E402
 from stag4d_backend.gaussians.ply import load_ply  # noqa: E402
 from stag4d_backend.fitted import load_fitted  # noqa: E402
 from stag4d_backend.render.cameras import OrbitCamera, blender_camera_matrix, y_up_to_z_up_quats  # noqa: E402
@@ -226,13 +226,14 @@ def test_addon_on_blender_release(series, wheel, addon_zip, job_dir, camera_file
     assert pixel_angle == pytest.approx(2 * np.tan(np.radians(CAMERA.fovy) / 2) / CAMERA.size, rel=1e-5)
     expected = expected_splats(ply, arrays["object_matrix"], arrays["camera"], pixel_angle)
     # Each instance is a square parallel to the camera's image plane: one rotation for all (the camera's) times
-    # the footprint's box, the support of the Gaussian's ellipsoid along the camera's x and y (|A^T u| for its
-    # axes A), and its largest blurred sigma on z (the Gaussian's own frame goes to the material as attributes).
+    # the box that bounds the splat: its footprint along the ray through its centre, for its opacity
+    # (splat_nodes._splat_bound; the Gaussian's own frame goes to the material as attributes).
     sigma = np.linalg.norm(mats[:, :3, :3], axis=1)
     rot = mats[:, :3, :3] / sigma[:, None, :]
     np.testing.assert_allclose(rot, np.broadcast_to(rot[0], rot.shape), atol=1e-5)
-    support = [np.linalg.norm(np.einsum("nij,i->nj", expected, rot[0][:, i]), axis=1) for i in (0, 1)]
-    np.testing.assert_allclose(sigma, np.stack(support + [np.linalg.norm(expected, axis=1).max(1)], 1), rtol=1e-4)
+    opacity = 1.0 / (1.0 + np.exp(-ply["opacity"].reshape(-1)))
+    np.testing.assert_allclose(sigma, splat_bound(expected, mats[:, :3, 3], opacity, arrays["camera"], rot[0]),
+                               rtol=1e-4)
 
     # The 64x64 Cycles render shows the creature as the backend's rasteriser draws it through the same camera.
     img = np.asarray(Image.open(out / "render.png").convert("RGBA"))
