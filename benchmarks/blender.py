@@ -90,10 +90,10 @@ def _camera(bpy, scene, orbit):
 
 
 def render_blender(scene, orbit, frame: int, out_png: Path, engine: str = "CYCLES", samples: int = 16,
-                   adaptive: bool = False) -> np.ndarray:
-    """RGBA uint8 of the scene through ``orbit`` (transparent film). ``adaptive``: Cycles' adaptive sampling as
-    Blender's defaults have it (noise threshold 0.01, automatic minimum): a pixel stops sampling once it has
-    converged; otherwise every pixel takes all ``samples``."""
+                   adaptive_min: int | None = None) -> np.ndarray:
+    """RGBA uint8 of the scene through ``orbit`` (transparent film). ``adaptive_min``: Cycles' adaptive sampling
+    with Blender's noise threshold 0.01 and this minimum sample count (0: Blender's automatic minimum, which is 64
+    at that threshold): a pixel stops sampling once it has converged. None: every pixel takes all ``samples``."""
     import bpy
     from PIL import Image
 
@@ -109,9 +109,9 @@ def render_blender(scene, orbit, frame: int, out_png: Path, engine: str = "CYCLE
         scene.cycles.device = "CPU"
         scene.cycles.samples = samples
         scene.cycles.use_denoising = False
-        scene.cycles.use_adaptive_sampling = adaptive
-        if adaptive:
-            scene.cycles.adaptive_threshold, scene.cycles.adaptive_min_samples = 0.01, 0
+        scene.cycles.use_adaptive_sampling = adaptive_min is not None
+        if adaptive_min is not None:
+            scene.cycles.adaptive_threshold, scene.cycles.adaptive_min_samples = 0.01, adaptive_min
     else:
         scene.eevee.taa_render_samples = samples
     scene.frame_set(frame)
@@ -223,7 +223,7 @@ def time_job(job_dir: Path, frames: int, repeats: int) -> dict:
             "points_frame_ms": 1000 * statistics.median(points_changes), "instances_points_mode": n}
 
 
-def time_render(job_dir: Path, size: int, samples: int, adaptive: bool = False) -> float:
+def time_render(job_dir: Path, size: int, samples: int, adaptive_min: int | None = None) -> float:
     """Wall time of one Cycles render (CPU, no denoising) of frame 0 through the benchmarks' front camera."""
     bpy = _bpy()
     from stag4d_backend.render.cameras import OrbitCamera
@@ -234,7 +234,7 @@ def time_render(job_dir: Path, size: int, samples: int, adaptive: bool = False) 
     assert bpy.ops.stag4d.import_job(directory=str(job_dir)) == {"FINISHED"}
     t0 = time.perf_counter()
     render_blender(scene, OrbitCamera(size=size), 0, Path(tempfile.mkdtemp(prefix="stag4d-rt-")) / "r.png",
-                   samples=samples, adaptive=adaptive)
+                   samples=samples, adaptive_min=adaptive_min)
     return time.perf_counter() - t0
 
 
@@ -528,8 +528,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="with --fit: write the picture sheets here")
     ap.add_argument("--render", type=int, nargs=2, metavar=("SIZE", "SAMPLES"),
                     help="also time a Cycles render (CPU, 2 threads) of frame 0 of each set, as imported")
-    ap.add_argument("--adaptive", action="store_true",
-                    help="with --render: Cycles' adaptive sampling on, as in Blender's defaults")
+    ap.add_argument("--adaptive", type=int, metavar="MIN_SAMPLES",
+                    help="with --render: Cycles' adaptive sampling on (noise threshold 0.01) with this minimum "
+                         "sample count (0: Blender's automatic minimum)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="stag4d-blbench-"))
     if args.fit:
@@ -559,9 +560,9 @@ def main() -> None:
         print(f"| {n:,} | {args.frames} | {size:.1f} | {r['import_s']:.3f} | {r['frame_ms']:.1f} / "
               f"{r['frame_p90_ms']:.1f} | {r['points_frame_ms']:.1f} | load {os.getloadavg()[0]:.1f}", flush=True)
         if args.render:
-            mode = ", adaptive sampling" if args.adaptive else ""
+            mode = "" if args.adaptive is None else f", adaptive sampling (min {args.adaptive})"
             print(f"Cycles {args.render[0]} px, {args.render[1]} spp{mode}, {n:,} splats: "
-                  f"{time_render(job, *args.render, adaptive=args.adaptive):.1f} s (load {os.getloadavg()[0]:.1f})",
+                  f"{time_render(job, *args.render, adaptive_min=args.adaptive):.1f} s (load {os.getloadavg()[0]:.1f})",
                   flush=True)
 
 

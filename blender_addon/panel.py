@@ -180,6 +180,8 @@ class STAG4D_PT_job(bpy.types.Panel):
             row = box.row(align=True)
             row.prop(context.scene.stag4d, "backend_look")
             row = box.row(align=True)
+            row.prop(context.scene.stag4d, "splat_sampling", text="Sampling")
+            row = box.row(align=True)
             exact = bool(context.scene.get("stag4d_exact_folder"))
             op = row.operator("stag4d.exact_display", text="Exact Display (backend render)" if not exact
                               else "Re-render Exact Display", icon="RENDER_RESULT")

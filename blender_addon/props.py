@@ -6,6 +6,7 @@ import bpy
 from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
                        PointerProperty, StringProperty)
 
+from .importer import SPLAT_SAMPLING
 from .preferences import PRESETS
 
 INPUT_KINDS = [
@@ -53,6 +54,12 @@ def _backend_look_update(self, context):
     splat_nodes.set_display_space_blending(self.id_data, self.backend_look)
 
 
+def _splat_sampling_update(self, context):
+    from . import importer
+
+    importer.set_splat_sampling(self.id_data, self.splat_sampling)
+
+
 class STAG4D_SceneSettings(bpy.types.PropertyGroup):
     input_kind: EnumProperty(name="Input", items=INPUT_KINDS, default="VIDEO")
     video_path: StringProperty(name="Video", subtype="FILE_PATH")
@@ -86,6 +93,10 @@ class STAG4D_SceneSettings(bpy.types.PropertyGroup):
                     "emission, Raw view transform) and sampled at pixel centres (Cycles pixel filter 0.01 px: "
                     "deterministic, 1 sample is enough). Off: linear-light blending, the scene's own view "
                     "transform and pixel filter")
+    splat_sampling: EnumProperty(
+        name="Splat Sampling", items=SPLAT_SAMPLING, default="EXACT", update=_splat_sampling_update,
+        description="How Cycles samples the splats' transparency (Render > Light Paths > Transparent: the minimum "
+                    "bounces before Russian roulette)")
     jobs: CollectionProperty(type=STAG4D_JobItem)
     active_job: IntProperty(name="Job", default=0, min=0)
     status: StringProperty(description="Backend status line (not tied to one job)")

@@ -8,13 +8,15 @@ along the camera axis: the key the backend's rasteriser sorts by, so Cycles comp
 instances stay instances (never realised or re-transformed), so a frame change only re-evaluates point fields,
 and the renderers share one 2-triangle mesh.
 
-The splat material makes each square look like the Gaussian it stands for: the points carry the Gaussian's frame
-relative to the square (a rotation vector and per-axis k = sigma_max / sigma); with them the material takes the
-shaded point and the viewing ray into the Gaussian's own space, where it is the unit normal distribution: the ray
-passes the centre at distance d, and the most the Gaussian reaches along it is exp(-d^2 / 2). The surface alpha
-is ``opacity * exp(-d^2 / 2)`` (capped at 0.999 and cut below 1/255 like the rasteriser). This is the backend's
-per-Gaussian alpha, evaluated for the 3D ray instead of the 2D projected ellipse; colour is the unlit
-``displayColor`` (Emission; sRGB-encoded with set_display_space_blending), so renders match the backend's.
+The splat material makes each square look like the Gaussian it stands for. It takes the shaded point's offset
+from the centre (the instance's location) and the viewing ray, both in the camera's space, into the Gaussian's own
+space with two point attributes (the rotation R^-1 F as a rotation vector and 1 / sigma per axis), where the
+Gaussian is the unit normal distribution: the ray passes the centre at distance d, and the most the Gaussian
+reaches along it is exp(-d^2 / 2). The surface alpha is ``opacity * exp(-d^2 / 2)`` (capped at 0.999 and cut below
+1/255 like the rasteriser). This is the backend's per-Gaussian alpha, evaluated for the 3D ray instead of the 2D
+projected ellipse; colour is the unlit ``displayColor`` (Emission; sRGB-encoded with set_display_space_blending),
+so renders match the backend's. The square's own size and rotation play no part in the material: they only
+bound where it is evaluated.
 
 Everything reads point attributes the USD importer creates (docs/bake.md): ``orientations`` (QUATERNION),
 ``scales`` (FLOAT_VECTOR), ``opacity`` (FLOAT), ``displayColor`` (FLOAT_COLOR), ``radius`` (FLOAT). The positions and

@@ -203,6 +203,28 @@ def test_cycles_display_matches_backend_where_main_failed(addon, dense_job, tmp_
     assert psnr["before"] < 27.0
 
 
+def test_converging_splat_sampling_switches_russian_roulette_and_converges(addon, dense_job):
+    """The panel's Splat Sampling: Exact (no Russian roulette on transparent bounces) at import, Converging sets
+    Cycles' minimum transparent bounces to 64 and back; a Converging render at 16 samples still matches the
+    backend (>= 30 dB on white, as the exact display above)."""
+    from blender import ensure_camera, render_and_compare
+
+    from blender_addon.importer import CONVERGING_MIN_TRANSPARENT_BOUNCES
+
+    _clean()
+    scene = bpy.context.scene
+    ensure_camera(scene, OrbitCamera(elevation=15.0, azimuth=40.0, size=48))
+    assert bpy.ops.stag4d.import_job(directory=str(dense_job)) == {"FINISHED"}
+    assert scene.stag4d.splat_sampling == "EXACT" and scene.cycles.min_transparent_bounces == 1024
+    scene.stag4d.splat_sampling = "CONVERGING"
+    assert scene.cycles.min_transparent_bounces == CONVERGING_MIN_TRANSPARENT_BOUNCES == 64
+    scene.cycles.filter_width = 0.01
+    res = render_and_compare(dense_job, scene, frame=1, size=48, samples=16, elevation=15.0, azimuth=40.0)
+    assert res["psnr_white"] >= 30.0, res
+    scene.stag4d.splat_sampling = "EXACT"
+    assert scene.cycles.min_transparent_bounces == scene.cycles.transparent_max_bounces == 1024
+
+
 @pytest.fixture(scope="module")
 def needle_job(tmp_path_factory) -> Path:
     """400 thin, opaque, randomly tilted Gaussians (sigmas 0.09 x 0.006 x 0.006) of distinct colours in a cluster
