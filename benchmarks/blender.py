@@ -158,7 +158,7 @@ def _on_white(rgba: np.ndarray) -> np.ndarray:
 
 def render_and_compare(job_dir: Path, scene, frame: int = 0, size: int = 128, samples: int = 16,
                        elevation: float = 0.0, azimuth: float = 0.0, out_png: Path | None = None,
-                       engine: str = "CYCLES") -> dict:
+                       engine: str = "CYCLES", adaptive_min: int | None = None) -> dict:
     """Render the imported job in Blender and with the backend from the same orbit camera; compare alpha
     silhouettes (threshold 0.5) and colours. ``out_png``: backend | Blender | |alpha difference|, on white."""
     from PIL import Image
@@ -169,7 +169,7 @@ def render_and_compare(job_dir: Path, scene, frame: int = 0, size: int = 128, sa
     ref = backend_render(job_dir, orbit, frame)
     tmp = Path(tempfile.mkdtemp(prefix="stag4d-render-")) / "blender.png"
     t0 = time.perf_counter()
-    img = render_blender(scene, orbit, frame, tmp, engine=engine, samples=samples)
+    img = render_blender(scene, orbit, frame, tmp, engine=engine, samples=samples, adaptive_min=adaptive_min)
     render_s = time.perf_counter() - t0
     if out_png is not None:
         diff = np.abs(ref[..., 3].astype(int) - img[..., 3].astype(int)).astype(np.uint8)
@@ -453,7 +453,9 @@ def simulated_causes(job: Path, size: int, views=VIEWS) -> list[dict]:
 def fidelity_table(job: Path, work: Path, size: int, samples: list[int], engines: list[str],
                    out_dir: Path | None) -> list[dict]:
     """The add-on's display as imported (and the exact display) against the backend render, per engine and
-    sample count, at every view; a picture sheet per engine (backend | Blender | alpha difference)."""
+    sample count, at every view; a picture sheet per engine (backend | Blender | alpha difference).
+    CYCLES_CONVERGING: Cycles with the panel's Splat Sampling "Converging" and adaptive sampling (threshold 0.01,
+    min samples 4)."""
     bpy = _bpy()
     from PIL import Image
 
@@ -468,6 +470,8 @@ def fidelity_table(job: Path, work: Path, size: int, samples: list[int], engines
                 ensure_camera(bpy.context.scene)
                 bpy.ops.stag4d.import_job(directory=str(job))
                 scene = bpy.context.scene
+                if engine == "CYCLES_CONVERGING":
+                    scene.stag4d.splat_sampling = "CONVERGING"
                 if engine == "EXACT":
                     import threading
 
@@ -485,7 +489,8 @@ def fidelity_table(job: Path, work: Path, size: int, samples: list[int], engines
                     backend_s = time.perf_counter() - t0
                 png = work / f"fid_{engine}_{spp}_{frame}.png"
                 res = render_and_compare(job, scene, frame, size, spp, el, az, png,
-                                         engine="CYCLES" if engine == "EXACT" else engine)
+                                         engine="CYCLES" if engine in ("EXACT", "CYCLES_CONVERGING") else engine,
+                                         adaptive_min=4 if engine == "CYCLES_CONVERGING" else None)
                 if engine == "EXACT":
                     res["render_s"] += backend_s / (scene.frame_end - scene.frame_start + 1)
                 rows.append({"engine": engine, "samples": spp, "frame": frame, "elevation": el, "azimuth": az,
@@ -496,7 +501,8 @@ def fidelity_table(job: Path, work: Path, size: int, samples: list[int], engines
                 labels.append(f"frame {frame}, el {el:g}, az {az:g}: PSNR {res['psnr_white']:.1f} dB, "
                               f"|rgb| {res['rgb_diff']:.1f}")
             if out_dir is not None:
-                name = {"CYCLES": f"Cycles {spp} spp", "EXACT": "exact display"}.get(engine, f"EEVEE {spp} spp")
+                name = {"CYCLES": f"Cycles {spp} spp", "EXACT": "exact display",
+                        "CYCLES_CONVERGING": f"Cycles {spp} spp, converging"}.get(engine, f"EEVEE {spp} spp")
                 titles = ["backend", f"Blender: {name}", "alpha difference"]  # short: narrow columns
                 Image.fromarray(_captioned(sheet, titles, labels)).save(
                     out_dir / f"blender_fidelity_{engine.lower()}_{spp}.png")
@@ -523,7 +529,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96, help="with --fit: render size")
     ap.add_argument("--samples", type=int, nargs="+", default=[1, 64], help="with --fit: sample counts")
     ap.add_argument("--engines", nargs="+", default=["CYCLES", "EXACT"],
-                    help="with --fit: CYCLES, BLENDER_EEVEE (software OpenGL here: slow), EXACT")
+                    help="with --fit: CYCLES, CYCLES_CONVERGING (Splat Sampling 'Converging', adaptive "
+                         "sampling with min 4), BLENDER_EEVEE (software OpenGL here: slow), EXACT")
     ap.add_argument("--causes", action="store_true", help="with --fit: each cause of the difference undone alone")
     ap.add_argument("--out", type=Path, help="with --fit: write the picture sheets here")
     ap.add_argument("--render", type=int, nargs=2, metavar=("SIZE", "SAMPLES"),

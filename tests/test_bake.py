@@ -151,7 +151,10 @@ def test_gaussians_usd_round_trip(small_fit, tmp_path):
     np.testing.assert_allclose(np.array(pv.GetPrimvar("displayOpacity").Get()), opac, atol=1e-6)
     np.testing.assert_allclose(np.array(sp.GetOpacitiesAttr().Get()), opac, atol=1e-6)
     colors = g0.colors.numpy()
-    np.testing.assert_allclose(np.array(pv.GetPrimvar("displayColor").Get()), srgb_to_linear(colors), atol=1e-6)
+    # not clipped at 1 (the rasteriser blends colours over 1 unclamped; Blender must get them too)
+    np.testing.assert_allclose(np.array(pv.GetPrimvar("displayColor").Get()), srgb_to_linear(colors, above_one=True),
+                               atol=1e-6)
+    print("colours over 1:", int((colors > 1).sum()))
     sh = np.array(sp.GetRadianceSphericalHarmonicsCoefficientsAttr().Get())
     np.testing.assert_allclose(0.5 + 0.28209479177387814 * sh, np.maximum(colors, 0), atol=1e-5)
 
@@ -173,6 +176,31 @@ def test_gaussians_usd_round_trip(small_fit, tmp_path):
         assert np.all(lo <= means.min(0)) and np.all(hi >= means.max(0))
     # Frames really differ (the test model moves).
     assert np.abs(np.array(pts.GetPointsAttr().Get(3)) - np.array(pts.GetPointsAttr().Get(0))).max() > 0.005
+
+
+def test_usd_display_color_keeps_colours_over_one(tmp_path):
+    """A Gaussian whose colour exceeds 1 (a fifth of a real fit's do in some channel) keeps it in displayColor:
+    the rasteriser blends colours unclamped and clamps only the pixel, and Blender's display must do the same
+    (clipped, its render came out ~8/255 darker). The sRGB curve goes on past 1, so encoding it back is exact."""
+    from bake_fixtures import creature_model, moving_deformation
+    from stag4d_backend.fitted import save_fitted
+    from stag4d_backend.gaussians.model import rgb_to_sh
+
+    model = creature_model(50, 0)
+    rgb = np.full((50, 3), 0.5, dtype=np.float32)
+    rgb[:10] = [1.4, 1.1, 0.2]
+    model.f_dc.data[:] = rgb_to_sh(torch.from_numpy(rgb)).reshape(model.f_dc.shape)
+    fit = save_fitted(tmp_path / "fit", model, moving_deformation(0, 0.05),
+                      {"num_frames": 2, "fps": 12.0, "time": "t = f / num_frames", "source_size": 64,
+                       "num_gaussians": 50}) or tmp_path / "fit"
+    bake(fit, tmp_path / "bake", formats="usd")
+    stage = Usd.Stage.Open(str(tmp_path / "bake" / "gaussians.usdc"))
+    colour = np.array(UsdGeom.PrimvarsAPI(stage.GetPrimAtPath("/STAG4D/gaussians")).GetPrimvar("displayColor").Get())
+    encoded = np.where(colour > 0.0031308, 1.055 * np.maximum(colour, 0) ** (1 / 2.4) - 0.055, 12.92 * colour)
+    np.testing.assert_allclose(encoded, rgb, atol=1e-5)
+    assert colour[:10, 0].min() > 1.5 and colour[:10, 1].min() > 1.0
+    np.testing.assert_allclose(srgb_to_linear(np.array([0.5, 1.0, 1.5])), srgb_to_linear(np.array([0.5, 1.0, 1.5]),
+                               above_one=True)[[0, 1, 1]], atol=1e-7)
 
 
 def test_usd_sh_degree_and_size(tmp_path):

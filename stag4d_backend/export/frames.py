@@ -81,9 +81,11 @@ class SampledFrames:
                 "scaling": self.scaling[k], "rotation": self.rotation[k]}
 
 
-def srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    """The sRGB transfer function, inverted (IEC 61966-2-1), for values in [0, 1]."""
-    c = np.clip(np.asarray(c, dtype=np.float32), 0.0, 1.0)
+def srgb_to_linear(c: np.ndarray, above_one: bool = False) -> np.ndarray:
+    """The sRGB transfer function, inverted (IEC 61966-2-1), for values in [0, 1]; with ``above_one`` values over 1
+    keep going up the same power curve (a Gaussian's colour may exceed 1: the rasteriser blends it unclamped and
+    clamps only the pixel, so a display that composites the splats needs it unclamped too)."""
+    c = np.clip(np.asarray(c, dtype=np.float32), 0.0, None if above_one else 1.0)
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4).astype(np.float32)
 
 

@@ -8,7 +8,7 @@ Gaussians in the same order:
   ``points``                  point3f[]  time-sampled  centres (world units, Y-up)
   ``widths``                  float[]    time-sampled  2 x the largest 1-sigma scale of each Gaussian
   ``extent``                  float3[2]  time-sampled  (conservative: centres' box +- the largest radius)
-  ``primvars:displayColor``   color3f[]  vertex, static   base colour, *linear* (sRGB-decoded SH-DC colour)
+  ``primvars:displayColor``   color3f[]  vertex, static   base colour, *linear* (sRGB-decoded SH-DC colour; over 1 where it is)
   ``primvars:displayOpacity`` float[]    vertex, static   opacity in [0, 1] (sigmoid of the logit)
   ``primvars:opacity``        float[]    vertex, static   the same values, under the name the add-on reads
   ``primvars:scales``         float3[]   vertex, time-sampled  linear 1-sigma scales along the Gaussian's own axes
@@ -104,12 +104,14 @@ def write_gaussians_usd(frames: SampledFrames, path: str | os.PathLike, fps: flo
     quats = frames.quats()                                           # [T, N, 4] wxyz
     quats_xyzw = np.ascontiguousarray(quats[..., [1, 2, 3, 0]])      # Vt.QuatfArray memory order is (i, j, k, real)
     opac = frames.opacities()
-    colour = srgb_to_linear(np.clip(frames.base_colors(), 0.0, 1.0))
+    # Not clipped at 1: the rasteriser composites each Gaussian's colour unclamped (a fifth of a real fit's are
+    # over 1 somewhere) and clamps only the pixel; clipping here darkened Blender's render by ~8/255 (issue 19).
+    colour = srgb_to_linear(frames.base_colors(), above_one=True)
     radius = scales.max(axis=2)                                      # [T, N]
     meta = dict(custom or {})
     meta.update({"num_gaussians": n, "sh_degree": frames.sh_degree, "num_frames": T,
                  "times": [float(t) for t in frames.times],
-                 "widths": "2 x largest 1-sigma scale", "displayColor": "linear (sRGB-decoded SH DC colour)"})
+                 "widths": "2 x largest 1-sigma scale", "displayColor": "linear (sRGB-decoded SH DC colour, may exceed 1)"})
     with atomic_path(path) as tmp:
         stage = new_stage(tmp, T, fps, meta)
         pts = UsdGeom.Points.Define(stage, POINTS_PRIM)
