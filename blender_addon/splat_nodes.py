@@ -43,8 +43,7 @@ POINTS_MATERIAL = "STAG4D points"
 # 6: squares turned by the instance rotation only, the Gaussian's frame passed to the material (cheaper).
 # 7: each square shrunk to its Gaussian's footprint box along the camera's axes, for its opacity and its slant
 #    (fewer transparent hits per ray); the material works in camera space from the instance's location.
-# 8: an octagon turned and stretched to the footprint's ellipse instead of the box (fewer hits still).
-VERSION = 8
+VERSION = 7
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
 # The footprint box (_billboard_frame) is exact for rays parallel to the one through the centre; the rays of a
@@ -324,23 +323,21 @@ def build_node_group(splat_material=None, points_material=None) -> bpy.types.Nod
     links.new(opacity, visible.inputs[0])
     links.new(gin.outputs["Min Opacity"], visible.inputs[1])
 
-    # One octagon per Gaussian around a circle of Extent sigmas, in the instance's own (unit-Gaussian) space;
-    # turned below to lie in the camera's image plane, it holds the plane through the Gaussian's centre across
-    # the viewing ray, and the instance's scale stretches it around the splat's ellipse (_splat_bound). An
-    # octagon covers 1.05 x its circle's area, a square 1.27 x: fewer transparent hits for the same splats.
-    octagon = nodes.new("GeometryNodeMeshCircle")
-    octagon.location = (-350, 200)
-    octagon.fill_type = "NGON"
-    octagon.inputs["Vertices"].default_value = 8
+    # One square per Gaussian, 2 x Extent sigmas wide, in the instance's own (unit-Gaussian) space; turned below
+    # to face the camera, it holds the plane through the Gaussian's centre across the viewing ray.
+    quad = nodes.new("GeometryNodeMeshGrid")
+    quad.location = (-350, 200)
+    quad.inputs["Vertices X"].default_value = quad.inputs["Vertices Y"].default_value = 2
     side = nodes.new("ShaderNodeMath")
-    side.operation = "DIVIDE"
+    side.operation = "MULTIPLY"
     side.location = (-550, 350)
     links.new(gin.outputs["Extent"], side.inputs[0])
-    side.inputs[1].default_value = math.cos(math.pi / 8.0)  # the octagon's apothem = Extent
-    links.new(side.outputs[0], octagon.inputs["Radius"])
+    side.inputs[1].default_value = 2.0  # the instance's scale sizes it to the splat (_billboard_frame)
+    links.new(side.outputs[0], quad.inputs["Size X"])
+    links.new(side.outputs[0], quad.inputs["Size Y"])
     ico_mat = nodes.new("GeometryNodeSetMaterial")
     ico_mat.location = (-150, 200)
-    links.new(octagon.outputs["Mesh"], ico_mat.inputs["Geometry"])
+    links.new(quad.outputs["Mesh"], ico_mat.inputs["Geometry"])
     links.new(gin.outputs["Splat Material"], ico_mat.inputs["Material"])
 
     # Point attributes (displayColor, opacity, ...) become instance attributes: the material reads them
@@ -467,23 +464,22 @@ def _billboard_frame(nodes, links, gin, inst, orient, blurred, opacity, camera, 
         links.new(out, store.inputs["Geometry"])
         links.new(value, store.inputs["Value"])
         out = store.outputs["Geometry"]
-    rotation, scale = _splat_bound(nodes, links, gin, combined.outputs[0], blurred, opacity, camera, dist)
-    links.new(rotation, inst.inputs["Rotation"])
-    links.new(scale, inst.inputs["Scale"])
+    links.new(cam_rot, inst.inputs["Rotation"])
+    links.new(_splat_bound(nodes, links, gin, combined.outputs[0], blurred, opacity, camera, dist),
+              inst.inputs["Scale"])
     return out
 
 
 def _splat_bound(nodes, links, gin, combined, blurred, opacity, camera, dist):
-    """The instance's rotation and scale: the octagon (circumscribing a circle of Extent) turned and stretched to
-    the ellipse, in the camera's image plane, of the part of the splat the material draws. Three factors:
-    - the footprint of the Gaussian's ellipsoid on the octagon's plane, seen along the ray through its centre
-      (slanted by t = x / z, y / z in camera space): the ellipse with covariance P Sigma P^T, P = the rows
-      (1, 0, -t_x) and (0, 1, -t_y) (projection along the ray), whose axes (the eigenvectors of that 2 x 2 matrix)
-      give the in-plane turn and whose semi-axes (the roots of its eigenvalues) the scale;
+    """The instance's scale: the square (2 x Extent wide) shrunk to the box, along the camera's x and y, of the
+    part of the splat the material draws. Three factors:
+    - the footprint of the Gaussian's ellipsoid on the square's plane, seen along the ray through its centre
+      (slanted by t = x / z, y / z in camera space): its half-width along the camera's x is the ellipsoid's
+      support in the direction a = (1, 0, -t_x), |S R^-1 F a| (likewise y);
     - the radius where the material's alpha falls under 1/255, sqrt(2 ln(255 opacity)) sigmas, if under Extent:
       faint splats are drawn smaller;
     - a margin for the rays of a perspective camera fanning out across the splat (QUAD_MARGIN, PERSPECTIVE_MARGIN).
-    The third axis (the octagon is flat) keeps the largest sigma. Returns (rotation, scale) sockets."""
+    The third axis (the square is flat) keeps the largest sigma."""
     to_cam = nodes.new("FunctionNodeInvertRotation")
     to_cam.location = (0, -1900)
     links.new(camera.outputs["Rotation"], to_cam.inputs[0])
@@ -497,7 +493,8 @@ def _splat_bound(nodes, links, gin, combined, blurred, opacity, camera, dist):
     xyz = nodes.new("ShaderNodeSeparateXYZ")
     xyz.location = (350, -1950)
     links.new(centre.outputs[0], xyz.inputs[0])
-    rows = []  # S R^-1 F p_i: the rows of P in the Gaussian's frame, in sigmas; P Sigma P^T = their dot products
+    box = nodes.new("ShaderNodeCombineXYZ")
+    box.location = (1100, -1900)
     for i in (0, 1):
         y = -2100 - 250 * i
         slant = nodes.new("ShaderNodeClamp")
@@ -512,42 +509,15 @@ def _splat_bound(nodes, links, gin, combined, blurred, opacity, camera, dist):
         turned.location = (900, y)
         links.new(direction.outputs[0], turned.inputs["Vector"])
         links.new(combined, turned.inputs["Rotation"])
-        rows.append(_vmath(nodes, "MULTIPLY", 950, y, turned.outputs[0], blurred, links=links))
-    sxx = _vmath(nodes, "DOT_PRODUCT", 1050, -2100, rows[0], rows[0], links=links)
-    syy = _vmath(nodes, "DOT_PRODUCT", 1050, -2200, rows[1], rows[1], links=links)
-    sxy = _vmath(nodes, "DOT_PRODUCT", 1050, -2300, rows[0], rows[1], links=links)
-    # The 2 x 2 symmetric matrix's eigen-decomposition: mean +- sqrt(half_diff^2 + sxy^2); the major axis at
-    # theta = atan2(sxy, half_diff) / 2 from the camera's x.
-    half_diff = _math(nodes, "MULTIPLY", 1250, -2150, _math(nodes, "SUBTRACT", 1150, -2150, sxx, syy, links=links),
-                      0.5, links=links)
-    mean = _math(nodes, "MULTIPLY", 1250, -2050, _math(nodes, "ADD", 1150, -2050, sxx, syy, links=links), 0.5,
-                 links=links)
-    root = _math(nodes, "SQRT", 1450, -2250, _math(nodes, "ADD", 1350, -2250, _math(
-        nodes, "MULTIPLY", 1250, -2250, half_diff, half_diff, links=links), _math(
-        nodes, "MULTIPLY", 1250, -2350, sxy, sxy, links=links), links=links), links=links)
-    ellipse = nodes.new("ShaderNodeCombineXYZ")
-    ellipse.location = (1700, -1900)
-    links.new(_math(nodes, "SQRT", 1600, -2050, _math(nodes, "ADD", 1500, -2050, mean, root, links=links),
-                    links=links), ellipse.inputs[0])
-    links.new(_math(nodes, "SQRT", 1600, -2150, _math(nodes, "MAXIMUM", 1550, -2150, _math(
-        nodes, "SUBTRACT", 1500, -2150, mean, root, links=links), 0.0, links=links), links=links), ellipse.inputs[1])
-    theta = _math(nodes, "MULTIPLY", 1500, -2400, _math(nodes, "ARCTAN2", 1400, -2400, sxy, half_diff,
-                                                          links=links), 0.5, links=links)
-    turn = nodes.new("FunctionNodeAxisAngleToRotation")
-    turn.location = (1650, -2400)
-    turn.inputs["Axis"].default_value = (0.0, 0.0, 1.0)
-    links.new(theta, turn.inputs["Angle"])
-    rotation = nodes.new("FunctionNodeRotateRotation")
-    rotation.rotation_space = "LOCAL"  # F then the turn about the camera's own axis
-    rotation.location = (1850, -2400)
-    links.new(camera.outputs["Rotation"], rotation.inputs["Rotation"])
-    links.new(turn.outputs[0], rotation.inputs["Rotate By"])
+        support = _vmath(nodes, "LENGTH", 1050, y,
+                         _vmath(nodes, "MULTIPLY", 950, y, turned.outputs[0], blurred, links=links), links=links)
+        links.new(support, box.inputs[i])
     sep = nodes.new("ShaderNodeSeparateXYZ")
     sep.location = (700, -2600)
     links.new(blurred, sep.inputs[0])
     largest = _math(nodes, "MAXIMUM", 900, -2600, _math(nodes, "MAXIMUM", 800, -2600, sep.outputs[0],
                                                         sep.outputs[1], links=links), sep.outputs[2], links=links)
-    links.new(largest, ellipse.inputs[2])
+    links.new(largest, box.inputs[2])
     # sqrt(2 ln(opacity / min)): where opacity x exp(-r^2 / 2) = 1/255, the material's cut
     log = _math(nodes, "LOGARITHM", 500, -2800, _math(nodes, "DIVIDE", 400, -2800, opacity, DEFAULT_MIN_OPACITY,
                                                       links=links), math.e, links=links)
@@ -560,7 +530,7 @@ def _splat_bound(nodes, links, gin, combined, blurred, opacity, camera, dist):
         links=links)
     fan.node.inputs[2].default_value = QUAD_MARGIN
     factor = _math(nodes, "MULTIPLY", 1100, -2750, shrink, fan, links=links)
-    return rotation.outputs[0], _vmath(nodes, "SCALE", 1900, -1900, ellipse.outputs[0], links=links, scale=factor)
+    return _vmath(nodes, "SCALE", 1250, -1900, box.outputs[0], links=links, scale=factor)
 
 
 def _vector_sqrt(nodes, links, vec, x, y):

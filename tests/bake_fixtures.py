@@ -95,50 +95,29 @@ def to_blender(p: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["make_fit_dir", "moving_deformation", "creature_model", "small_fit", "mesh_fit", "quat_to_matrix",
-           "to_blender", "SMALL_CFG", "splat_bound", "assert_same_instance_bound"]
+           "to_blender", "SMALL_CFG"]
 
 
-# blender_addon/splat_nodes.py's bound of each splat octagon (not imported there: that module needs bpy)
+# blender_addon/splat_nodes.py's bound of each splat square (not imported there: that module needs bpy)
 SPLAT_EXTENT, SPLAT_MIN_OPACITY, QUAD_MARGIN, PERSPECTIVE_MARGIN, SLANT_LIMIT = 3.0, 1.0 / 255.0, 1.02, 2.0, 4.0
 
 
 def splat_bound(axes: np.ndarray, centres: np.ndarray, opacity: np.ndarray, camera: np.ndarray,
                 camera_rot: np.ndarray) -> np.ndarray:
-    """The 3 x 3 part of each instance's matrix that splat_nodes._splat_bound gives (N x 3 x 3), from the
-    Gaussians' axes (N x 3 x 3, columns = the axes times their sigmas), centres and opacities, and the camera's
-    position and rotation, all in one space: F Rz(theta) diag(major, minor, largest) x (radius / extent) x
-    (margin + fan-out), where major, minor and theta are the semi-axes and the turn of the footprint's ellipse
-    P Sigma P^T (P: the rows (1, 0, -x/z) and (0, 1, -y/z) of the centre in camera space: projection along the
-    ray through it), radius = min(extent, sqrt(2 ln(opacity / min))) sigmas. Compare M M^T: theta is arbitrary
-    for round footprints."""
+    """The scale splat_nodes._splat_bound gives each square (N x 3), from the Gaussians' axes (N x 3 x 3, columns
+    = the axes times their sigmas), centres and opacities, and the camera's position and rotation, all in one
+    space: the ellipsoid's support along a = (1, 0, -x/z) and (0, 1, -y/z) of the centre in camera space (its
+    footprint along the ray through the centre), the largest sigma on z, all times (radius / extent) x
+    (margin + fan-out), radius = min(extent, sqrt(2 ln(opacity / min))) sigmas."""
     local = (centres - camera) @ camera_rot  # the centres in the camera's space
     slant = np.clip(local[:, :2] / local[:, 2:3], -SLANT_LIMIT, SLANT_LIMIT)
-    rows = []
+    support = []
     for i in (0, 1):
         a = np.zeros((len(centres), 3))
         a[:, i], a[:, 2] = 1.0, -slant[:, i]
-        rows.append(np.einsum("nij,ni->nj", axes, a @ camera_rot.T))
-    sxx, syy, sxy = (np.einsum("ni,ni->n", u, v) for u, v in ((rows[0], rows[0]), (rows[1], rows[1]),
-                                                              (rows[0], rows[1])))
-    mean, half_diff = (sxx + syy) / 2, (sxx - syy) / 2
-    root = np.sqrt(half_diff ** 2 + sxy ** 2)
-    theta = 0.5 * np.arctan2(sxy, half_diff)
+        support.append(np.linalg.norm(np.einsum("nij,ni->nj", axes, a @ camera_rot.T), axis=1))
     largest = np.linalg.norm(axes, axis=1).max(1)
-    semi = np.stack([np.sqrt(mean + root), np.sqrt(np.maximum(mean - root, 0.0)), largest], 1)
     radius = np.minimum(SPLAT_EXTENT, np.sqrt(np.maximum(0.0, 2.0 * np.log(opacity / SPLAT_MIN_OPACITY))))
     dist = np.linalg.norm(centres - camera, axis=1)
     factor = radius / SPLAT_EXTENT * (QUAD_MARGIN + PERSPECTIVE_MARGIN * radius * largest / dist)
-    c, s = np.cos(theta), np.sin(theta)
-    turn = np.zeros((len(centres), 3, 3))
-    turn[:, 0, 0], turn[:, 0, 1], turn[:, 1, 0], turn[:, 1, 1], turn[:, 2, 2] = c, -s, s, c, 1.0
-    return camera_rot @ turn * (semi * factor[:, None])[:, None, :]
-
-
-def assert_same_instance_bound(got: np.ndarray, want: np.ndarray, camera_rot: np.ndarray) -> None:
-    """The instances' 3 x 3 matrices bound the same ellipses as splat_bound's: equal M M^T per splat (to 1e-3 of
-    its largest entry; the turn is arbitrary for round footprints) and flat along the camera's axis."""
-    g, w = got @ got.transpose(0, 2, 1), want @ want.transpose(0, 2, 1)
-    scale = np.abs(w).reshape(len(w), -1).max(1)
-    assert (np.abs(g - w).reshape(len(w), -1).max(1) / scale).max() < 1e-3
-    normal = got[:, :, 2] / np.linalg.norm(got[:, :, 2], axis=1, keepdims=True)
-    np.testing.assert_allclose(np.abs(normal @ camera_rot[:, 2]), 1.0, atol=1e-5)
+    return np.stack(support + [largest], 1) * factor[:, None]
