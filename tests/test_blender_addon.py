@@ -296,12 +296,14 @@ def test_splat_node_group_is_rebuilt_once_and_survives_save(scene, job_dir, tmp_
     ng = bpy.data.node_groups[splat_nodes.GROUP_NAME]
     assert ng.use_fake_user and ng["stag4d_version"] == splat_nodes.VERSION
     names = {i.name for i in ng.interface.items_tree if getattr(i, "in_out", "") == "INPUT"}
-    assert {"Points", "Extent", "Min Opacity", "Splat Material", "Points Material"} <= names
+    assert {"Points", "Extent", "Min Opacity", "Realize for Render", "Splat Material", "Points Material"} <= names
     mat = bpy.data.materials[splat_nodes.SPLAT_MATERIAL]
     assert mat.surface_render_method == "DITHERED"
+    # every per-splat value read from the instancer (instanced squares) and from the geometry (realized ones)
     attrs = {(n.attribute_type, n.attribute_name) for n in mat.node_tree.nodes if n.type == "ATTRIBUTE"}
-    assert attrs == {("INSTANCER", "displayColor"), ("INSTANCER", "opacity"),
-                     ("INSTANCER", splat_nodes.ROTVEC_ATTR), ("INSTANCER", splat_nodes.INV_SIGMA_ATTR)}
+    per_splat = ("displayColor", "opacity", splat_nodes.ROTVEC_ATTR, splat_nodes.INV_SIGMA_ATTR)
+    assert attrs == ({(kind, name) for kind in ("INSTANCER", "GEOMETRY") for name in per_splat}
+                     | {("GEOMETRY", splat_nodes.CENTRE_ATTR)})
 
 
 # ---- renders -------------------------------------------------------------------------------------------------

@@ -252,17 +252,23 @@ def needle_job(tmp_path_factory) -> Path:
     return job
 
 
-def test_cycles_display_of_thin_tilted_splats_off_centre(addon, needle_job, tmp_path):
+@pytest.mark.parametrize("realize", [True, False], ids=["realized", "instanced"])
+def test_cycles_display_of_thin_tilted_splats_off_centre(addon, needle_job, tmp_path, realize):
     """Thin needles tilted in depth and seen off the image centre at 128 px, where a splat's footprint depends on
     its tilt and the ray's slant: the display matches the backend (>= 34 dB on white) and draws every splat whole
-    (IoU >= 0.97): the squares' bound clips none of them."""
+    (IoU >= 0.97): the squares' bound clips none of them. Both ways the node group can hand the squares to the
+    renderer: realized into one mesh (final renders, "Realize for Render") and as instances (the viewport's)."""
     from blender import ensure_camera, render_and_compare
+
+    from blender_addon import splat_nodes
 
     _clean()
     scene = bpy.context.scene
     orbit = OrbitCamera(elevation=25.0, azimuth=-35.0, size=128)
     ensure_camera(scene, orbit)
     assert bpy.ops.stag4d.import_job(directory=str(needle_job)) == {"FINISHED"}
+    obj = scene.stag4d.jobs[0].gaussians
+    splat_nodes.set_modifier_input(obj, "Realize for Render", realize)
     res = render_and_compare(needle_job, scene, frame=0, size=orbit.size, samples=1, elevation=orbit.elevation,
                              azimuth=orbit.azimuth, out_png=tmp_path / "needles.png")
     print(f"needles: PSNR {res['psnr_white']:.2f} dB, |rgb| {res['rgb_diff']:.1f}, IoU {res['iou']:.3f}, "
