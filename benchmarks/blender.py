@@ -223,8 +223,10 @@ def time_job(job_dir: Path, frames: int, repeats: int) -> dict:
             "points_frame_ms": 1000 * statistics.median(points_changes), "instances_points_mode": n}
 
 
-def time_render(job_dir: Path, size: int, samples: int, adaptive_min: int | None = None) -> float:
-    """Wall time of one Cycles render (CPU, no denoising) of frame 0 through the benchmarks' front camera."""
+def time_render(job_dir: Path, size: int, samples: int, adaptive_min: int | None = None,
+                sampling: str = "EXACT", elevation: float = 0.0, azimuth: float = 0.0) -> float:
+    """Wall time of one Cycles render (CPU, no denoising) of frame 0 through an orbit camera (default: the
+    benchmarks' front camera, whose axes are the world's) with the panel's Splat Sampling ``sampling``."""
     bpy = _bpy()
     from stag4d_backend.render.cameras import OrbitCamera
 
@@ -232,9 +234,10 @@ def time_render(job_dir: Path, size: int, samples: int, adaptive_min: int | None
     scene = bpy.context.scene
     ensure_camera(scene)
     assert bpy.ops.stag4d.import_job(directory=str(job_dir)) == {"FINISHED"}
+    scene.stag4d.splat_sampling = sampling
     t0 = time.perf_counter()
-    render_blender(scene, OrbitCamera(size=size), 0, Path(tempfile.mkdtemp(prefix="stag4d-rt-")) / "r.png",
-                   samples=samples, adaptive_min=adaptive_min)
+    render_blender(scene, OrbitCamera(size=size, elevation=elevation, azimuth=azimuth), 0,
+                   Path(tempfile.mkdtemp(prefix="stag4d-rt-")) / "r.png", samples=samples, adaptive_min=adaptive_min)
     return time.perf_counter() - t0
 
 
@@ -535,6 +538,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="with --fit: write the picture sheets here")
     ap.add_argument("--render", type=int, nargs=2, metavar=("SIZE", "SAMPLES"),
                     help="also time a Cycles render (CPU, 2 threads) of frame 0 of each set, as imported")
+    ap.add_argument("--converging", action="store_true",
+                    help="with --render: the panel's Splat Sampling 'Converging' (else 'Exact per Sample')")
+    ap.add_argument("--view", type=float, nargs=2, default=(0.0, 0.0), metavar=("ELEVATION", "AZIMUTH"),
+                    help="with --render: the orbit camera (default 0 0: the front, aligned with the world's axes)")
     ap.add_argument("--adaptive", type=int, metavar="MIN_SAMPLES",
                     help="with --render: Cycles' adaptive sampling on (noise threshold 0.01) with this minimum "
                          "sample count (0: Blender's automatic minimum)")
@@ -568,9 +575,12 @@ def main() -> None:
               f"{r['frame_p90_ms']:.1f} | {r['points_frame_ms']:.1f} | load {os.getloadavg()[0]:.1f}", flush=True)
         if args.render:
             mode = "" if args.adaptive is None else f", adaptive sampling (min {args.adaptive})"
-            print(f"Cycles {args.render[0]} px, {args.render[1]} spp{mode}, {n:,} splats: "
-                  f"{time_render(job, *args.render, adaptive_min=args.adaptive):.1f} s (load {os.getloadavg()[0]:.1f})",
-                  flush=True)
+            sampling = "CONVERGING" if args.converging else "EXACT"
+            wall = time_render(job, *args.render, adaptive_min=args.adaptive, sampling=sampling,
+                               elevation=args.view[0], azimuth=args.view[1])
+            print(f"Cycles {args.render[0]} px, {args.render[1]} spp{mode}, {sampling.lower()} splat sampling, "
+                  f"camera el {args.view[0]:g} az {args.view[1]:g}, {n:,} splats: {wall:.1f} s "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 if __name__ == "__main__":
