@@ -24,14 +24,14 @@ MESH_MATERIAL = "STAG4D mesh"
 CYCLES_TRANSPARENT_BOUNCES = 1024  # Blender's most; 8 (default) or 128 turn dense splats dark where rays run out
 # "Converging" splat sampling: Russian roulette from the 64th transparent bounce on. A ray that has crossed 64
 # splats has mostly little light left to gather; ending it at random (and weighting the survivors) makes a
-# sample ~7x cheaper on dense fits, at the price of noise that the samples average away (docs/blender_addon.md).
+# sample 8-11x cheaper on dense fits, at the price of noise that the samples average away (docs/blender_addon.md).
 CONVERGING_MIN_TRANSPARENT_BOUNCES = 64
 SPLAT_SAMPLING = (
     ("EXACT", "Exact per Sample",
      "Every ray composites every splat it crosses (no Russian roulette on transparent bounces): each sample is "
      "the exact splat image, so 1 sample is final; costly per sample on dense fits"),
     ("CONVERGING", "Converging",
-     f"Russian roulette on transparent bounces after the {CONVERGING_MIN_TRANSPARENT_BOUNCES}th: samples ~7x "
+     f"Russian roulette on transparent bounces after the {CONVERGING_MIN_TRANSPARENT_BOUNCES}th: samples 8-11x "
      "cheaper, noisy at few samples, converging at many (64 or more; with adaptive sampling's Min Samples set to "
      "4 or so, converged pixels stop early). For scenes rendered at many samples"),
 )
