@@ -6,7 +6,7 @@ import bpy
 from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
                        PointerProperty, StringProperty)
 
-from .importer import SPLAT_SAMPLING
+from .importer import SPLAT_SAMPLING, set_splat_sampling
 from .preferences import PRESETS
 
 INPUT_KINDS = [
@@ -55,9 +55,7 @@ def _backend_look_update(self, context):
 
 
 def _splat_sampling_update(self, context):
-    from . import importer
-
-    importer.set_splat_sampling(self.id_data, self.splat_sampling)
+    set_splat_sampling(self.id_data, self.splat_sampling)
 
 
 class STAG4D_SceneSettings(bpy.types.PropertyGroup):

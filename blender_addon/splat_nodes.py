@@ -3,10 +3,11 @@
 Each Gaussian becomes an instance of one square through its centre, parallel to the active camera's image plane
 (the instance rotation is the camera's, one value for all) and scaled per axis to the box of the Gaussian's
 blurred footprint along the camera's x and y, so it covers the splat's ``Extent``-sigma footprint and little more
-(a ray pays one transparent bounce for every square it crosses, seen or not). Every camera ray crosses each square once, at the centre's depth
-along the camera axis: the key the backend's rasteriser sorts by, so Cycles composites them in its order. The
-instances stay instances (never realised or re-transformed), so a frame change only re-evaluates point fields,
-and the renderers share one 2-triangle mesh.
+(a ray pays one transparent bounce for every square it crosses, seen or not). Every camera ray crosses each
+square once, at the centre's depth along the camera axis: the key the backend's rasteriser sorts by, so Cycles
+composites them in its order. In the viewport the instances stay instances (never realised or re-transformed),
+so a frame change only re-evaluates point fields, and the renderers share one 2-triangle mesh; final renders
+realize them into one mesh ("Realize for Render", _realized_for_render), which Cycles traces faster.
 
 The splat material makes each square look like the Gaussian it stands for. It takes the shaded point's offset
 from the centre (the instance's location) and the viewing ray, both in the camera's space, into the Gaussian's own

@@ -232,22 +232,29 @@ def needle_job(tmp_path_factory) -> Path:
     depth) show any error."""
     import torch
 
-    from stag4d_backend.fitted import save_fitted
-    from stag4d_backend.gaussians.model import GaussianModel, inverse_sigmoid, rgb_to_sh
-    from stag4d_backend.stages.bake import bake
-
-    job = tmp_path_factory.mktemp("needles") / "job"
     gen = torch.Generator().manual_seed(5)
     n = 400
     means = torch.randn(n, 3, generator=gen) * 0.18 + torch.tensor([0.45, 0.25, 0.0])
     quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=gen), dim=-1)
     scales = torch.tensor([0.09, 0.006, 0.006]).expand(n, 3)
     colors = torch.rand(n, 3, generator=gen)
-    model = GaussianModel.from_arrays(means, rgb_to_sh(colors), None, inverse_sigmoid(torch.full((n, 1), 0.9)),
-                                      torch.log(scales), quats)
-    meta = {"num_frames": 2, "fps": 12.0, "time": "t = f / num_frames", "source_size": 64,
-            "num_gaussians": model.num_points}
-    save_fitted(job / "model", model, moving_deformation(5, 0.0), meta)
+    return _baked_still_job(tmp_path_factory.mktemp("needles") / "job", means, quats, scales, colors, 0.9, seed=5)
+
+
+def _baked_still_job(job: Path, means, quats, scales, colors, opacity: float, seed: int) -> Path:
+    """A job folder (model/ and bake/ with gaussians.usdc) of these Gaussians, all of one opacity, standing still
+    over 2 frames."""
+    import torch
+
+    from stag4d_backend.fitted import save_fitted
+    from stag4d_backend.gaussians.model import GaussianModel, inverse_sigmoid, rgb_to_sh
+    from stag4d_backend.stages.bake import bake
+
+    n = len(means)
+    model = GaussianModel.from_arrays(means, rgb_to_sh(colors), None,
+                                      inverse_sigmoid(torch.full((n, 1), opacity)), torch.log(scales), quats)
+    save_fitted(job / "model", model, moving_deformation(seed, 0.0),
+                {"num_frames": 2, "fps": 12.0, "time": "t = f / num_frames", "source_size": 64, "num_gaussians": n})
     bake(job / "model", job / "bake", formats="usd")
     return job
 
@@ -285,22 +292,13 @@ def test_cycles_display_blends_colours_over_one_like_the_rasteriser(addon, tmp_p
     import torch
     from blender import ensure_camera, render_and_compare
 
-    from stag4d_backend.fitted import save_fitted
-    from stag4d_backend.gaussians.model import GaussianModel, inverse_sigmoid, rgb_to_sh
-    from stag4d_backend.stages.bake import bake
-
-    job = tmp_path_factory.mktemp("bright") / "job"
     gen = torch.Generator().manual_seed(9)
     n = 300
     means = torch.randn(n, 3, generator=gen) * 0.2
     quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=gen), dim=-1)
     scales = 0.03 + 0.04 * torch.rand(n, 3, generator=gen)
     colors = torch.rand(n, 3, generator=gen) * 1.6
-    model = GaussianModel.from_arrays(means, rgb_to_sh(colors), None, inverse_sigmoid(torch.full((n, 1), 0.35)),
-                                      torch.log(scales), quats)
-    save_fitted(job / "model", model, moving_deformation(9, 0.0),
-                {"num_frames": 2, "fps": 12.0, "time": "t = f / num_frames", "source_size": 64, "num_gaussians": n})
-    bake(job / "model", job / "bake", formats="usd")
+    job = _baked_still_job(tmp_path_factory.mktemp("bright") / "job", means, quats, scales, colors, 0.35, seed=9)
     assert (colors > 1).float().mean() > 0.3
 
     _clean()
