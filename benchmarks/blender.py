@@ -224,9 +224,12 @@ def time_job(job_dir: Path, frames: int, repeats: int) -> dict:
 
 
 def time_render(job_dir: Path, size: int, samples: int, adaptive_min: int | None = None,
-                sampling: str = "EXACT", elevation: float = 0.0, azimuth: float = 0.0) -> float:
+                sampling: str = "EXACT", elevation: float = 0.0, azimuth: float = 0.0, realize: bool = True) -> float:
     """Wall time of one Cycles render (CPU, no denoising) of frame 0 through an orbit camera (default: the
-    benchmarks' front camera, whose axes are the world's) with the panel's Splat Sampling ``sampling``."""
+    benchmarks' front camera, whose axes are the world's) with the panel's Splat Sampling ``sampling`` and the
+    modifier's "Realize for Render" ``realize``."""
+    from blender_addon import splat_nodes
+
     bpy = _bpy()
     from stag4d_backend.render.cameras import OrbitCamera
 
@@ -235,6 +238,7 @@ def time_render(job_dir: Path, size: int, samples: int, adaptive_min: int | None
     ensure_camera(scene)
     assert bpy.ops.stag4d.import_job(directory=str(job_dir)) == {"FINISHED"}
     scene.stag4d.splat_sampling = sampling
+    splat_nodes.set_modifier_input(scene.stag4d.jobs[0].gaussians, "Realize for Render", realize)
     t0 = time.perf_counter()
     render_blender(scene, OrbitCamera(size=size, elevation=elevation, azimuth=azimuth), 0,
                    Path(tempfile.mkdtemp(prefix="stag4d-rt-")) / "r.png", samples=samples, adaptive_min=adaptive_min)
@@ -542,6 +546,8 @@ def main() -> None:
                     help="with --render: the panel's Splat Sampling 'Converging' (else 'Exact per Sample')")
     ap.add_argument("--view", type=float, nargs=2, default=(0.0, 0.0), metavar=("ELEVATION", "AZIMUTH"),
                     help="with --render: the orbit camera (default 0 0: the front, aligned with the world's axes)")
+    ap.add_argument("--instanced", action="store_true",
+                    help="with --render: 'Realize for Render' off (the squares reach Cycles as instances)")
     ap.add_argument("--adaptive", type=int, metavar="MIN_SAMPLES",
                     help="with --render: Cycles' adaptive sampling on (noise threshold 0.01) with this minimum "
                          "sample count (0: Blender's automatic minimum)")
@@ -577,7 +583,8 @@ def main() -> None:
             mode = "" if args.adaptive is None else f", adaptive sampling (min {args.adaptive})"
             sampling = "CONVERGING" if args.converging else "EXACT"
             wall = time_render(job, *args.render, adaptive_min=args.adaptive, sampling=sampling,
-                               elevation=args.view[0], azimuth=args.view[1])
+                               elevation=args.view[0], azimuth=args.view[1], realize=not args.instanced)
+            mode += ", instanced" if args.instanced else ""
             print(f"Cycles {args.render[0]} px, {args.render[1]} spp{mode}, {sampling.lower()} splat sampling, "
                   f"camera el {args.view[0]:g} az {args.view[1]:g}, {n:,} splats: {wall:.1f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)

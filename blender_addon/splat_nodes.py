@@ -408,7 +408,7 @@ def _realized_for_render(nodes, links, gin, instances):
     with each Gaussian's centre stored on it (CENTRE_ATTR; the instances' attributes come along). Cycles bounds
     every instance by its world-axis box, which for a square facing a camera not aligned with the world's axes
     is far bigger than the square: rays visit many more candidates (50k splats, camera at elevation 20, azimuth
-    35: 3x slower than realized). Realizing costs ~30 ms a frame at 50k, so the viewport keeps the instances."""
+    35: 2.7x slower than realized). Realizing costs ~30 ms a frame at 50k, so the viewport keeps the instances."""
     centre = nodes.new("GeometryNodeStoreNamedAttribute")
     centre.data_type, centre.domain = "FLOAT_VECTOR", "INSTANCE"
     centre.location = (300, 250)
