@@ -19,6 +19,7 @@ from stag4d_backend.render import RasterResult, rasterize
 from stag4d_backend.render.composite_torch import composite_torch
 from stag4d_backend.render.reference import composite_reference
 
+from float_slack import assert_close_with_slack, render_slack
 from radii_contract import assert_radii_agree, exact_radii, same_culling
 
 # the module (the package attribute of the same name is the function)
@@ -156,10 +157,13 @@ def test_tiled_matches_reference(cpu_backend, cam):
     # radii: equal, or off by one where the unrounded radius is at an integer (tests/radii_contract.py)
     assert_radii_agree(out.radii, ref.radii, exact_radii(*params[:4], V, K, w, h), out.means2d + ref.means2d, w, h)
     same = same_culling(out.radii, ref.radii)
-    torch.testing.assert_close(out.means2d[same], ref.means2d[same], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.rgb, ref.rgb, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.alpha, ref.alpha, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.depth, ref.depth, rtol=1e-5, atol=1e-5)
+    # to 1e-5 plus the float slack of Gaussians close to the camera plane (tests/float_slack.py): the compiled
+    # projection sums in another order than PyTorch's CPU-dependent BLAS
+    slack = render_slack(*params, V, K, w, h, bg, torch.float32)
+    assert_close_with_slack(out.means2d[same].detach(), ref.means2d[same].detach(), 1e-5, slack["means2d"][same],
+                            "means2d")
+    for name in ("rgb", "alpha", "depth"):
+        assert_close_with_slack(getattr(out, name).detach(), getattr(ref, name).detach(), 1e-5, slack[name], name)
     assert_grads_close(g_out, g_ref)
 
 
