@@ -276,8 +276,29 @@ def test_cycles_display_of_thin_tilted_splats_off_centre(addon, needle_job, tmp_
     assert bpy.ops.stag4d.import_job(directory=str(needle_job)) == {"FINISHED"}
     obj = scene.stag4d.jobs[0].gaussians
     splat_nodes.set_modifier_input(obj, "Realize for Render", realize)
-    res = render_and_compare(needle_job, scene, frame=0, size=orbit.size, samples=1, elevation=orbit.elevation,
-                             azimuth=orbit.azimuth, out_png=tmp_path / "needles.png")
+    meshes = []  # the mesh instances of the splat object that the render's depsgraph hands Cycles
+
+    def capture(_scene, depsgraph):
+        if depsgraph is not None and depsgraph.mode == "RENDER" and not meshes:
+            meshes.extend((inst.object.data.as_pointer(), len(inst.object.data.vertices), inst.matrix_world.copy())
+                          for inst in depsgraph.object_instances
+                          if inst.is_instance and inst.parent.original == obj and inst.object.type == "MESH")
+
+    bpy.app.handlers.frame_change_post.append(capture)
+    try:
+        res = render_and_compare(needle_job, scene, frame=0, size=orbit.size, samples=1,
+                                 elevation=orbit.elevation, azimuth=orbit.azimuth, out_png=tmp_path / "needles.png")
+    finally:
+        bpy.app.handlers.frame_change_post.remove(capture)
+    if realize:
+        # one mesh of all 400 squares, built in the camera's axes, placed twice: turned by the camera's rotation
+        # (the squares back in place) and at a millionth of the size (two users: Cycles keeps the mesh's own BVH)
+        assert len(meshes) == 2 and meshes[0][0] == meshes[1][0] and meshes[0][1] == 4 * 400
+        cam_rot = np.array(scene.camera.matrix_world.to_3x3().normalized())
+        np.testing.assert_allclose(np.array(meshes[0][2].to_3x3()), cam_rot, atol=1e-5)
+        np.testing.assert_allclose(np.array(meshes[1][2].to_3x3()), 1e-6 * cam_rot, atol=1e-9)
+    else:
+        assert len(meshes) == 400 and all(m[1] == 4 for m in meshes)  # the viewport's way: a square each
     print(f"needles: PSNR {res['psnr_white']:.2f} dB, |rgb| {res['rgb_diff']:.1f}, IoU {res['iou']:.3f}, "
           f"coverage {res['coverage']:.3f}, {res['render_s']:.1f} s")
     assert 0.03 < res["coverage"] < 0.6
