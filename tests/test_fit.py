@@ -175,3 +175,48 @@ def test_config_overrides_copy_the_preset_and_check_names_and_types():
                      ("lambda_rgb=x", "not JSON")]:
         with pytest.raises(ValueError, match=why):
             with_overrides(base, [bad])
+
+
+def test_progressive_time_window_widens_from_the_middle_frame_to_the_clip():
+    from stag4d_backend.fitting.trainer import frame_window
+
+    # 12 frames, coarse stage 300 steps, window over the next 1200: one frame, then +-1, ..., then all
+    assert frame_window(301, 12, 300, 0) == (0, 11)  # off: the whole clip (the authors' sampling)
+    assert frame_window(300, 12, 300, 1200) == (6, 6)
+    assert frame_window(301, 12, 300, 1200) == (5, 7)
+    assert frame_window(900, 12, 300, 1200) == (3, 9)
+    windows = [frame_window(it, 12, 300, 1200) for it in range(301, 1501)]
+    assert all(a[0] >= b[0] and a[1] <= b[1] for a, b in zip(windows, windows[1:]))  # only ever widens
+    assert windows[-1] == (0, 11) and frame_window(1500, 12, 300, 1200) == (0, 11)
+    assert frame_window(400, 2, 0, 1000) == (0, 1)  # two frames: the middle and its one neighbour
+    cfg = _tiny(time_window_iters=20).with_iters(400)
+    assert cfg.time_window_iters == 200 and FitConfig.from_dict(cfg.to_dict()).time_window_iters == 200
+
+
+def test_fit_with_a_time_window_trains_only_frames_inside_it(tmp_path, monkeypatch):
+    from stag4d_backend.fitting import trainer
+
+    data = tmp_path / "toy5"
+    write_stag4d_layout(ExampleCreature(600, seed=4), data, num_frames=5, size=24, anchor_size=24)
+    windows, frames = {}, {}
+    real_window, real_at = trainer.Trainer.frame_window, trainer.Trainer.gaussians_at
+
+    def spy_window(self, it):
+        windows[it] = real_window(self, it)
+        return windows[it]
+
+    def spy_at(self, t, campos=None):
+        if t is not None:
+            frames.setdefault(self.it + 1, set()).add(round(t * self.num_frames))
+        return real_at(self, t, campos)
+
+    monkeypatch.setattr(trainer.Trainer, "frame_window", spy_window)
+    monkeypatch.setattr(trainer.Trainer, "gaussians_at", spy_at)
+    cfg = _tiny(iters=40, coarse_iters=4, time_window_iters=24, batch_size=2)
+    assert fit(data, tmp_path / "out", cfg).status == "finished"
+    assert windows[5] == windows[16] == (1, 3) and windows[17] == windows[40] == (0, 4)
+    for it, fs in frames.items():
+        lo, hi = windows[it]
+        assert all(lo <= f <= hi for f in fs), (it, fs, windows[it])
+    assert set().union(*frames.values()) == {0, 1, 2, 3, 4}
+    assert all(fs <= {1, 2, 3} for it, fs in frames.items() if it <= 16)

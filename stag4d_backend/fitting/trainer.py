@@ -1,9 +1,10 @@
 """One STAG4D training step and the state it needs (spec sections 5-6). Pure compute: no file I/O, no printing.
 
 Per iteration: learning rates for ``it``; a batch of frames (the middle frame during the coarse stage, random
-frames after); for each, the reference view (white background, RGB + alpha MSE ramped by min(1, it/ramp)), the
-anchor views (``anchors`` guidance: RGB + alpha MSE at the exact Zero123++ poses, random white/black background)
-and a random view scored by SDS (``sds`` guidance); the HexPlane regulariser; Adam; then densification statistics
+frames after, optionally from a window widening around the middle: ``time_window_iters``); for each, the
+reference view (white background, RGB + alpha MSE ramped by min(1, it/ramp)), the anchor views (``anchors``
+guidance: RGB + alpha MSE at the exact Zero123++ poses, random white/black background) and a random view scored
+by SDS (``sds`` guidance); the HexPlane regulariser; Adam; then densification statistics
 from the sum of the screen-space mean gradients of all renders, and a densify/prune event when due.
 All randomness comes from one ``torch.Generator`` whose state is checkpointed, so a resumed fit equals an
 uninterrupted one.
@@ -31,6 +32,17 @@ from .views import choose_conditioning, sample_random_view
 
 WHITE = (1.0, 1.0, 1.0)
 BLACK = (0.0, 0.0, 0.0)
+
+
+def frame_window(it: int, num_frames: int, coarse_iters: int, window_iters: int) -> tuple[int, int]:
+    """First and last frame (inclusive) that fine step ``it`` may train: the whole clip, or while
+    ``it - coarse_iters < window_iters`` a window around the middle frame (the coarse stage's) widening linearly
+    from one frame to the whole clip."""
+    n, mid = num_frames, num_frames // 2
+    if window_iters <= 0 or it - coarse_iters >= window_iters:
+        return 0, n - 1
+    half = math.ceil(max(0, it - coarse_iters) / window_iters * max(mid, n - 1 - mid))
+    return max(0, mid - half), min(n - 1, mid + half)
 
 
 class _CameraTensors:
@@ -107,6 +119,9 @@ class Trainer:
     def is_fine(self, it: int) -> bool:
         return it > self.cfg.coarse_iters
 
+    def frame_window(self, it: int) -> tuple[int, int]:
+        return frame_window(it, self.num_frames, self.cfg.coarse_iters, self.cfg.time_window_iters)
+
     def view_resolution(self, it: int) -> int:
         res = self.cfg.view_resolutions[0][1]
         for start, r in self.cfg.view_resolutions:
@@ -142,7 +157,8 @@ class Trainer:
 
         for _ in range(cfg.batch_size):
             if fine:
-                f = int(torch.randint(0, self.num_frames, (1,), generator=self.generator).item())
+                lo, hi = self.frame_window(it)
+                f = int(torch.randint(lo, hi + 1, (1,), generator=self.generator).item())
             else:
                 f = self.num_frames // 2
             t = f / self.num_frames if fine else None
