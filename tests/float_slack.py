@@ -26,24 +26,38 @@ OUTPUTS = ("means2d", "conics", "depths", "cov2d")
 ULPS = 4.0
 
 
-def projection_slack(means, quats, scales, opacities, viewmat, K, width, height, dtype, **kw) -> dict:
-    """{output name: tensor shaped like that output}: the change of each output (float64) when the camera-space
-    position of each Gaussian moves by ``ULPS`` ulps of ``dtype`` of its summands, worst of the 8 sign patterns."""
-    d = torch.float64
-    eps = torch.finfo(dtype).eps
-    m, q, s, o = (t.detach().to(d) for t in (means, quats, scales, opacities))
-    V, K = viewmat.detach().to(d), K.detach().to(d)
+def _slack(run, means, viewmat, dtype, names) -> dict:
+    """{name: the largest |change| of ``getattr(run(means64), name)``} over the 8 sign patterns of moving every
+    Gaussian's camera-space position by ``ULPS`` ulps of ``dtype`` of its summands (float64 throughout)."""
+    m, V = means.detach().to(torch.float64), viewmat.detach().to(torch.float64)
     R, t = V[:3, :3], V[:3, 3]
-    bound = ULPS * eps * (m.abs() @ R.abs().T + t.abs())  # [N, 3] camera-space rounding bound
-    base = project_gaussians(m, q, s, o, V, K, width, height, **kw)
-    slack = {name: torch.zeros_like(getattr(base, name)) for name in OUTPUTS}
+    bound = ULPS * torch.finfo(dtype).eps * (m.abs() @ R.abs().T + t.abs())  # [N, 3] camera-space rounding bound
+    base = run(m)
+    slack = {name: torch.zeros_like(getattr(base, name)) for name in names}
     for signs in itertools.product((-1.0, 1.0), repeat=3):
-        dp = bound * torch.tensor(signs, dtype=d)
-        moved = project_gaussians(m + dp @ R, q, s, o, V, K, width, height, **kw)  # R orthonormal: R^T dp
-        for name in OUTPUTS:
+        moved = run(m + (bound * torch.tensor(signs, dtype=torch.float64)) @ R)  # R orthonormal: R^T dp
+        for name in names:
             diff = (getattr(moved, name) - getattr(base, name)).abs()
             slack[name] = torch.maximum(slack[name], torch.nan_to_num(diff, nan=0.0, posinf=0.0))
     return slack
+
+
+def projection_slack(means, quats, scales, opacities, viewmat, K, width, height, dtype, **kw) -> dict:
+    """{output name: tensor shaped like that output}: the change of each output (float64) when the camera-space
+    position of each Gaussian moves by ``ULPS`` ulps of ``dtype`` of its summands, worst of the 8 sign patterns."""
+    q, s, o, V, K = (x.detach().to(torch.float64) for x in (quats, scales, opacities, viewmat, K))
+    return _slack(lambda m: project_gaussians(m, q, s, o, V, K, width, height, **kw), means, viewmat, dtype, OUTPUTS)
+
+
+def render_slack(means, quats, scales, opacities, colors, viewmat, K, width, height, background, dtype,
+                 **kw) -> dict:
+    """The same for a whole render: {"rgb", "alpha", "depth", "means2d": the largest change of each pixel / centre
+    (float64, PyTorch rasteriser) when every Gaussian's camera-space position moves by its rounding bound}."""
+    from stag4d_backend.render import rasterize
+
+    q, s, o, c, V, K = (x.detach().to(torch.float64) for x in (quats, scales, opacities, colors, viewmat, K))
+    return _slack(lambda m: rasterize(m, q, s, o, c, V, K, width, height, background, backend="torch", **kw),
+                  means, viewmat, dtype, ("rgb", "alpha", "depth", "means2d"))
 
 
 def assert_close_with_slack(actual, expected, tol, slack, name=""):
@@ -62,27 +76,3 @@ def assert_close_with_slack(actual, expected, tol, slack, name=""):
             f"{name}: {int(bad.sum())} / {bad.numel()} elements off; worst flat index {i}: "
             f"{a.flatten()[i].item()!r} vs {e.flatten()[i].item()!r} (allowed {allowed.flatten()[i].item():.3g}, "
             f"slack {sl.flatten()[i].item():.3g})")
-
-
-def render_slack(means, quats, scales, opacities, colors, viewmat, K, width, height, background, dtype,
-                 **kw) -> dict:
-    """The same for a whole render: {"rgb", "alpha", "depth", "means2d": the largest change of each pixel / centre
-    (float64, PyTorch rasteriser) when every Gaussian's camera-space position moves by its rounding bound}."""
-    from stag4d_backend.render import rasterize
-
-    d = torch.float64
-    eps = torch.finfo(dtype).eps
-    m, q, s, o, c = (t.detach().to(d) for t in (means, quats, scales, opacities, colors))
-    V, K = viewmat.detach().to(d), K.detach().to(d)
-    R, t = V[:3, :3], V[:3, 3]
-    bound = ULPS * eps * (m.abs() @ R.abs().T + t.abs())
-    names = ("rgb", "alpha", "depth", "means2d")
-    base = rasterize(m, q, s, o, c, V, K, width, height, background, backend="torch", **kw)
-    slack = {name: torch.zeros_like(getattr(base, name)) for name in names}
-    for signs in itertools.product((-1.0, 1.0), repeat=3):
-        dp = bound * torch.tensor(signs, dtype=d)
-        moved = rasterize(m + dp @ R, q, s, o, c, V, K, width, height, background, backend="torch", **kw)
-        for name in names:
-            diff = (getattr(moved, name) - getattr(base, name)).abs()
-            slack[name] = torch.maximum(slack[name], torch.nan_to_num(diff, nan=0.0, posinf=0.0))
-    return slack
