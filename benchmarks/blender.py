@@ -90,11 +90,10 @@ def _camera(bpy, scene, orbit):
 
 
 def render_blender(scene, orbit, frame: int, out_png: Path, engine: str = "CYCLES", samples: int = 16,
-                   adaptive_min: int | None = None, threshold: float = 0.01) -> np.ndarray:
+                   adaptive_min: int | None = None) -> np.ndarray:
     """RGBA uint8 of the scene through ``orbit`` (transparent film). ``adaptive_min``: Cycles' adaptive sampling
-    with noise threshold ``threshold`` (Blender's default 0.01) and this minimum sample count (0: Blender's
-    automatic minimum, which is 64 at 0.01): a pixel stops sampling once it has converged. None: every pixel
-    takes all ``samples``."""
+    with Blender's noise threshold 0.01 and this minimum sample count (0: Blender's automatic minimum, which is 64
+    at that threshold): a pixel stops sampling once it has converged. None: every pixel takes all ``samples``."""
     import bpy
     from PIL import Image
 
@@ -112,7 +111,7 @@ def render_blender(scene, orbit, frame: int, out_png: Path, engine: str = "CYCLE
         scene.cycles.use_denoising = False
         scene.cycles.use_adaptive_sampling = adaptive_min is not None
         if adaptive_min is not None:
-            scene.cycles.adaptive_threshold, scene.cycles.adaptive_min_samples = threshold, adaptive_min
+            scene.cycles.adaptive_threshold, scene.cycles.adaptive_min_samples = 0.01, adaptive_min
     else:
         scene.eevee.taa_render_samples = samples
     scene.frame_set(frame)
