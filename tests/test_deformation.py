@@ -1,7 +1,10 @@
 """HexPlane deformation field + heads + regularisers (deformation.py): algorithm spec sections 4, 5 and 12."""
 
+import json
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,10 +16,12 @@ from stag4d_backend.gaussians.deformation import (
     DeformationNetwork,
     HexPlaneField,
     num_grid_parameters,
+    apply_deltas,
     deformed_params,
     plane_shapes,
     plane_smoothness,
 )
+from stag4d_backend.gaussians.rigid import SMALL_ANGLE_SQ, quat_multiply, quat_rotate, rotvec_to_quat
 
 SMALL = DeformationConfig(resolution=(8, 8, 8, 5), multires=(1, 2), feature_dim=8, width=16)
 
@@ -338,3 +343,216 @@ def test_safetensors_round_trip(tmp_path):
     with torch.no_grad():
         for a, b in zip(dst.deform(xyz, ls, q, 0.5), src.deform(xyz, ls, q, 0.5)):
             assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ rigid motion
+
+RIGID = replace(SMALL, motion="rigid")
+
+
+def _rodrigues(w) -> np.ndarray:
+    """Independent reference: rotation matrix of the rotation vector w (axis * angle)."""
+    w = np.asarray(w, dtype=np.float64)
+    theta = np.linalg.norm(w)
+    if theta == 0:
+        return np.eye(3)
+    x, y, z = w / theta
+    k = np.array([[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]])
+    return np.eye(3) + np.sin(theta) * k + (1 - np.cos(theta)) * (k @ k)
+
+
+def _quat_matrices(q) -> np.ndarray:
+    """Rotation matrices [N, 3, 3] of (w, x, y, z) quaternions [N, 4], normalised first."""
+    q = np.asarray(q, dtype=np.float64)
+    w, x, y, z = (q / np.linalg.norm(q, axis=-1, keepdims=True)).T
+    return np.stack([
+        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
+        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
+        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
+    ], -2)
+
+
+def _moving_rigid(seed=0):
+    """A rigid net with non-zero, time-dependent heads (authors init, random time planes) and rotation vectors
+    of a few radians (some angles above pi)."""
+    net = DeformationNetwork(RIGID, seed=seed, head_init="authors")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for planes in net.grid.grids:
+            for pi in TIME_PLANES:
+                planes[pi].add_(torch.randn(planes[pi].shape, generator=g) * 0.5)
+        last = net.deformation_net.rotvec_deform[3]
+        last.weight.mul_(20.0)
+        last.bias.zero_()
+    return net
+
+
+def test_rigid_config_heads_and_state_dict():
+    with pytest.raises(ValueError):
+        DeformationConfig(motion="spin")
+    assert DeformationConfig().motion == "offset"
+    offset = DeformationNetwork(SMALL, seed=5, head_init="authors")
+    rigid = DeformationNetwork(RIGID, seed=5, head_init="authors")
+    assert offset.head_names == ("pos", "scale", "rot") and len(offset.deformation_net.heads()) == 3
+    assert rigid.head_names == ("pos", "scale", "rot", "rigid") and len(rigid.deformation_net.heads()) == 4
+    a, b = offset.state_dict(), rigid.state_dict()
+    extra = {f"deformation_net.rotvec_deform.{i}.{k}" for i in (1, 3) for k in ("weight", "bias")}
+    assert set(b) == set(a) | extra
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the extra head is built last: same seeded init elsewhere
+    assert tuple(b["deformation_net.rotvec_deform.3.weight"].shape) == (3, 16)
+    assert float(b["deformation_net.rotvec_deform.3.weight"].abs().max()) > 0  # authors: xavier like the others
+    zero = DeformationNetwork(RIGID, seed=5)
+    for k in ("weight", "bias"):
+        assert not bool(getattr(zero.deformation_net.rotvec_deform[3], k).any())
+    xyz, _, _ = _inputs()
+    t = torch.full((64, 1), 0.7)
+    fused = rigid.deformation_net(xyz, t)
+    ref = rigid.deformation_net.forward_unfused(xyz, t)
+    assert [tuple(x.shape) for x in fused] == [(64, 3), (64, 3), (64, 4), (64, 3)]
+    for x, y in zip(fused, ref):
+        assert torch.allclose(x, y, atol=1e-6)
+    with torch.no_grad():
+        d = rigid.deltas(xyz, 0.7)
+    assert len(d) == 4 and all(torch.allclose(x, y, atol=1e-6) for x, y in zip(d, fused))
+
+
+def test_rigid_zero_heads_is_exact_identity():
+    net = DeformationNetwork(RIGID, seed=0)
+    xyz, ls, q = _inputs()
+    x2, s2, q2 = net.deform(xyz, ls, q, 0.3)
+    assert torch.equal(x2, xyz) and torch.equal(s2, ls) and torch.equal(q2, q)
+    assert torch.equal(rotvec_to_quat(torch.zeros(2, 3)), torch.tensor([[1.0, 0, 0, 0]] * 2))
+
+
+@pytest.mark.parametrize("w", [
+    (0.3, -0.2, 0.5),
+    (0.0, 0.0, 4.0),                                    # angle > pi
+    tuple(np.array([1.0, 2.0, -2.0]) / 3 * (2 * math.pi + 0.7)),  # more than a full turn
+    (0.0, 0.0, math.pi),
+    (6e-4, -3e-4, 2e-4),                                # small-angle (series) branch
+    (0.0, 1e-2, 0.0),                                   # at the branch switch
+])
+def test_rigid_deform_matches_rodrigues(w):
+    net = DeformationNetwork(RIGID, seed=1).double()  # zero heads; biases set below, so the motion is constant
+    shift = torch.tensor([0.1, -0.25, 0.4], dtype=torch.float64)
+    with torch.no_grad():
+        net.deformation_net.rotvec_deform[3].bias.copy_(torch.tensor(w, dtype=torch.float64))
+        net.deformation_net.pos_deform[3].bias.copy_(shift)
+    xyz, ls, q = (x.double() for x in _inputs())
+    with torch.no_grad():
+        x2, s2, q2 = net.deform(xyz, ls, q, 0.45)
+    R = _rodrigues(w)
+    np.testing.assert_allclose(x2.numpy(), xyz.numpy() @ R.T + shift.numpy(), rtol=0, atol=1e-12)
+    assert torch.equal(s2, ls)
+    np.testing.assert_allclose(q2.norm(dim=-1).numpy(), q.norm(dim=-1).numpy(), rtol=1e-12)  # still raw
+    np.testing.assert_allclose(_quat_matrices(q2.numpy()), R @ _quat_matrices(q.numpy()), rtol=0, atol=1e-12)
+
+
+def test_rigid_part_rotating_about_a_centre():
+    """A spatially constant (w, c - R c) turns every point about c: distances to c are kept."""
+    w = torch.tensor([0.2, 1.1, -0.4], dtype=torch.float64)
+    c = torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64)
+    qw = rotvec_to_quat(w)
+    xyz, ls, q = (x.double() for x in _inputs())
+    n = xyz.shape[0]
+    dx = (c - quat_rotate(qw, c)).expand(n, 3)
+    x2, _, _ = apply_deltas(xyz, ls, q, (dx, torch.zeros(n, 3), torch.zeros(n, 4), w.expand(n, 3)))
+    np.testing.assert_allclose((x2 - c).norm(dim=-1).numpy(), (xyz - c).norm(dim=-1).numpy(), atol=1e-12)
+    np.testing.assert_allclose((x2 - c).numpy(), (xyz - c).numpy() @ _rodrigues(w.numpy()).T, atol=1e-12)
+
+
+def test_rotvec_to_quat_is_periodic_and_smooth():
+    axis = torch.tensor([2.0, -1.0, 2.0], dtype=torch.float64) / 3
+    for a in (0.3, 2.0, 3.5):
+        np.testing.assert_allclose(rotvec_to_quat(axis * (a + 2 * math.pi)).numpy(),
+                                   -rotvec_to_quat(axis * a).numpy(), atol=1e-12)
+    np.testing.assert_allclose(rotvec_to_quat(axis * 2 * math.pi).numpy(), [-1, 0, 0, 0], atol=1e-12)
+    # Both sides of the small-angle switch agree to float64 rounding.
+    edge = math.sqrt(SMALL_ANGLE_SQ)
+    below, above = rotvec_to_quat(axis * edge * (1 - 1e-9)), rotvec_to_quat(axis * edge * (1 + 1e-9))
+    np.testing.assert_allclose(below.numpy(), above.numpy(), atol=1e-11)
+    for a in (0.0, 3e-3, edge * 0.999, edge * 1.001, 1.0, 4.0):
+        w = (axis * a + torch.tensor([1e-4, 2e-4, -1e-4], dtype=torch.float64) * (a > 0)).requires_grad_(True)
+        assert torch.autograd.gradcheck(rotvec_to_quat, (w,))
+    # d q / d w at 0 = (0, I / 2)
+    jac = torch.autograd.functional.jacobian(rotvec_to_quat, torch.zeros(3, dtype=torch.float64))
+    np.testing.assert_allclose(jac.numpy(), np.vstack([np.zeros((1, 3)), 0.5 * np.eye(3)]), atol=1e-15)
+
+
+def test_quaternion_product_and_rotation_agree():
+    g = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.normalize(torch.randn(10, 4, generator=g, dtype=torch.float64), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(10, 4, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(quat_rotate(quat_multiply(a, b), v).numpy(), quat_rotate(a, quat_rotate(b, v)).numpy(),
+                               atol=1e-12)
+    np.testing.assert_allclose(_quat_matrices(a.numpy()) @ v.numpy()[..., None], quat_rotate(a, v).numpy()[..., None],
+                               atol=1e-12)
+
+
+def test_rigid_gradients_finite_at_zero_rotation():
+    net = DeformationNetwork(RIGID, seed=0)  # zero heads: w = 0 exactly
+    xyz, ls, q = _inputs()
+    xyz.requires_grad_(True)
+    x2, s2, q2 = net.deform(xyz, ls, q, 0.6)
+    target = torch.roll(xyz.detach(), 1, dims=1)  # not reachable by a translation alone
+    ((x2 - target).square().sum() + s2.sum() + (q2 - 1).square().sum()).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+    assert bool(torch.isfinite(xyz.grad).all())
+    assert float(net.deformation_net.rotvec_deform[3].weight.grad.abs().sum()) > 0  # the rotation head learns
+    assert float(net.deformation_net.rotvec_deform[3].bias.grad.abs().sum()) > 0
+
+
+def test_rigid_mask_and_deformed_params():
+    net = _moving_rigid(seed=2)
+    xyz, ls, q = _inputs()
+    with torch.no_grad():
+        ref = net.deform(xyz, ls, q, 0.4)
+        mask = torch.arange(64) % 3 == 0
+        masked = net.deform(xyz, ls, q, 0.4, mask=mask)
+        frame = deformed_params({"xyz": xyz, "scaling": ls, "rotation": q, "opacity": ls[:, :1]}, net, 0.4, mask)
+    assert float((ref[0] - xyz).abs().max()) > 0.1 and float((ref[2] - q).abs().max()) > 0.1  # really moves
+    for a, b, raw, key in zip(masked, ref, (xyz, ls, q), ("xyz", "scaling", "rotation")):
+        assert torch.allclose(a[mask], b[mask], atol=1e-6)
+        assert torch.equal(a[~mask], raw[~mask])
+        assert torch.equal(frame[key], a)
+    # deform = apply_deltas of deltas
+    with torch.no_grad():
+        again = apply_deltas(xyz, ls, q, net.deltas(xyz, 0.4))
+    assert all(torch.equal(a, b) for a, b in zip(again, ref))
+
+
+def test_rigid_fitted_round_trip_and_old_configs(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from stag4d_backend.fitted import DEFORMATION, load_fitted, save_fitted
+    from stag4d_backend.gaussians.model import GaussianModel
+
+    model = GaussianModel.init_random_ball(80, seed=0)
+    meta = {"num_frames": 4, "fps": 12.0}
+    net = _moving_rigid(seed=4)
+    save_fitted(tmp_path / "rigid", model, net, meta)
+    animated, _ = load_fitted(tmp_path / "rigid")
+    assert animated.deformation.cfg == net.cfg and animated.deformation.cfg.motion == "rigid"
+    p = model.params
+    for f in (0, 1.5, 3):
+        with torch.no_grad():
+            want = net.deform(p["xyz"], p["scaling"], p["rotation"], f / 4)
+        raw = animated.at_frame(f).raw
+        for key, b in zip(("xyz", "scaling", "rotation"), want):
+            assert torch.equal(raw[key], b)
+    # A file written before the option existed (no "motion" in its config) loads as the offset motion.
+    offset = DeformationNetwork(SMALL, seed=6, head_init="authors")
+    save_fitted(tmp_path / "old", model, offset, meta)
+    path = tmp_path / "old" / DEFORMATION
+    cfg = offset.cfg.to_dict()
+    del cfg["motion"]
+    save_file(load_file(str(path)), str(path), metadata={"deformation_config": json.dumps(cfg),
+                                                        "format_version": "1"})
+    old, _ = load_fitted(tmp_path / "old")
+    assert old.deformation.cfg.motion == "offset" and old.deformation.cfg == offset.cfg
+    with torch.no_grad():
+        want = offset.deform(p["xyz"], p["scaling"], p["rotation"], 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(old.deformation.deform(p["xyz"], p["scaling"], p["rotation"], 0.25),
+                                                 want))

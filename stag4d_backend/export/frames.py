@@ -8,7 +8,10 @@
 - each time plane (xt, yt, zt) is first interpolated along t into a line per frame (a few hundred numbers), and
   the points then only do a 1-D linear lookup into that line (two gathers) instead of a ``grid_sample``;
 - many frames are pushed through the MLP as one batched GEMM, in chunks of about ``chunk_points`` rows;
-- for mesh vertices only the position head is evaluated.
+- for mesh vertices only the position head (and, with ``motion="rigid"``, the rotation-vector head) is evaluated.
+
+Head outputs are combined with the canonical values by ``deformation.apply_deltas`` / ``move_points``, the same
+functions ``DeformationNetwork.deform`` uses.
 
 ``sample_frames(animated, frame_values)`` returns ``SampledFrames``: per-frame raw parameters in the 3DGS PLY
 layout (xyz, log-scales, raw quaternions) plus the static ones (SH, opacity logit), as float32 numpy arrays.
@@ -24,7 +27,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..gaussians.deformation import PLANE_PAIRS, SPATIAL_PLANES, TIME_PLANES, DeformationNetwork
+from ..gaussians.deformation import (
+    HEAD_NAMES,
+    PLANE_PAIRS,
+    SPATIAL_PLANES,
+    TIME_PLANES,
+    DeformationNetwork,
+    apply_deltas,
+    move_points,
+)
+from ..gaussians.rigid import rotvec_to_quat
 
 SH_C0 = 0.28209479177387814
 
@@ -92,12 +104,14 @@ def srgb_to_linear(c: np.ndarray, above_one: bool = False) -> np.ndarray:
 class FrameSampler:
     """Deformation deltas of fixed points at many times (see the module docstring).
 
-    ``deltas(times, heads=("pos", "scale", "rot"))`` -> dict head -> [T, N, k] float32 tensor, where k is 3, 3, 4.
+    ``deltas(times, heads=None)`` -> dict head -> [T, N, k] float32 tensor, where k is 3, 3, 4 (and 3 for the
+    ``"rigid"`` rotation-vector head of a ``motion="rigid"`` network); ``heads=None`` means all of the network's
+    heads, in ``HEAD_NAMES`` order.
     Row layout throughout ([points, channels]); biases are fused into the GEMMs (``addmm``) and ReLUs run in
     place, because on a CPU the elementwise passes over [M, 192] activations cost as much as the GEMMs.
     """
 
-    HEAD_SIZES = {"pos": 3, "scale": 3, "rot": 4}
+    HEAD_SIZES = {"pos": 3, "scale": 3, "rot": 4, "rigid": 3}
 
     def __init__(self, net: DeformationNetwork, xyz: torch.Tensor, chunk_points: int = 65536,
                  mlp_rows: int = 8192):
@@ -135,7 +149,12 @@ class FrameSampler:
             core = net.deformation_net
             self._feature_out = [(m.weight.detach().t().contiguous().to(f32), m.bias.detach().to(f32))
                                  if isinstance(m, nn.Linear) else None for m in core.feature_out]
-            self._head_modules = dict(zip(("pos", "scale", "rot"), core.heads()))
+            self._head_modules = dict(zip(HEAD_NAMES, core.heads()))
+
+    @property
+    def head_names(self) -> tuple:
+        """The network's heads: ("pos", "scale", "rot"), plus "rigid" for a ``motion="rigid"`` network."""
+        return tuple(self._head_modules)
 
     def _pair_lines(self, plane: torch.Tensor, tq: torch.Tensor) -> torch.Tensor:
         """plane [res_t, res_a, C], mapped times [T] -> [T * res_a, 2C]: row (t, i) holds the line at column i and
@@ -194,8 +213,9 @@ class FrameSampler:
         torch.addmm(b2, z, w2, out=out)
 
     @torch.no_grad()
-    def deltas(self, times, heads: Sequence[str] = ("pos", "scale", "rot"),
+    def deltas(self, times, heads: Sequence[str] | None = None,
                on_chunk: Callable[[int, int], None] | None = None) -> dict:
+        heads = self.head_names if heads is None else tuple(heads)
         times = torch.as_tensor(np.asarray(times, dtype=np.float64), dtype=torch.float32).reshape(-1)
         tq = self.net.grid.map_time(times)
         T = times.shape[0]
@@ -240,23 +260,27 @@ def sample_frames(animated, frame_values, on_chunk: Callable[[int, int], None] |
         else:
             net = animated.deformation.to("cpu")
             d = FrameSampler(net, xyz, chunk_points).deltas(times, on_chunk=on_chunk)
-        xyz_t = (xyz.unsqueeze(0) + d["pos"]).numpy()
-        scaling_t = (scaling.unsqueeze(0) + d["scale"]).numpy()
-        rotation_t = (rotation.unsqueeze(0) + d["rot"]).numpy()
+        # [1, N, k] canonical values broadcast against the [T, N, k] head outputs.
+        deltas = tuple(d[h] for h in HEAD_NAMES if h in d)
+        moved = apply_deltas(xyz.unsqueeze(0), scaling.unsqueeze(0), rotation.unsqueeze(0), deltas)
+        xyz_t, scaling_t, rotation_t = (m.numpy() for m in moved)
     return SampledFrames(times, fv, xyz_t, scaling_t, rotation_t, _np32(p["f_dc"]).reshape(-1, 1, 3),
                          _np32(p["f_rest"]).reshape(xyz.shape[0], -1, 3), _np32(p["opacity"]).reshape(-1, 1))
 
 
 def deform_points(net: DeformationNetwork | None, points: np.ndarray, times, chunk_points: int = 65536
                   ) -> np.ndarray:
-    """Positions [T, V, 3] of arbitrary points (e.g. mesh vertices) moved by the field's position offset:
-    p + dx(p, t). The field is defined everywhere in space, not only at the Gaussians."""
+    """Positions [T, V, 3] of arbitrary points (e.g. mesh vertices) moved by the field: p + dx(p, t), or
+    R(w(p, t)) p + dx(p, t) for a ``motion="rigid"`` network. The field is defined everywhere in space, not only
+    at the Gaussians."""
     pts = torch.as_tensor(np.asarray(points, dtype=np.float32))
     times = np.asarray(times, dtype=np.float64).reshape(-1)
     if net is None:
         return np.broadcast_to(pts.numpy(), (len(times),) + tuple(pts.shape)).copy()
-    d = FrameSampler(net.to("cpu"), pts, chunk_points).deltas(times, heads=("pos",))["pos"]
-    return (pts.unsqueeze(0) + d).numpy()
+    sampler = FrameSampler(net.to("cpu"), pts, chunk_points)
+    d = sampler.deltas(times, heads=tuple(h for h in ("pos", "rigid") if h in sampler.head_names))
+    q = rotvec_to_quat(d["rigid"]) if "rigid" in d else None
+    return move_points(pts.unsqueeze(0), d["pos"], q).numpy()
 
 
 __all__ = ["FrameSampler", "SampledFrames", "sample_frames", "deform_points", "srgb_to_linear", "SH_C0"]

@@ -10,6 +10,7 @@ from .deformation import (
     DeformationConfig,
     DeformationNetwork,
     HexPlaneField,
+    apply_deltas,
     num_grid_parameters,
     plane_shapes,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "DeformationConfig",
     "DeformationNetwork",
     "HexPlaneField",
+    "apply_deltas",
     "num_grid_parameters",
     "plane_shapes",
     "AdaptiveDensification",

@@ -1,7 +1,8 @@
 """Canonical Gaussians + deformation field = Gaussians at any time (spec section 7). Pure math, no I/O.
 
-Frame f of F is evaluated at t = f / F; mu_f = mu + dx, s_f = exp(log s + ds), q_f = normalize(q + dq); opacity
-and colour are static. The count and order of Gaussians never change between frames.
+Frame f of F is evaluated at t = f / F; mu_f = mu + dx, s_f = exp(log s + ds), q_f = normalize(q + dq) (with a
+``motion="rigid"`` field mu_f = R mu + dx and q_f = normalize(q_w ⊗ (q + dq)), see ``deformation.apply_deltas``);
+opacity and colour are static. The count and order of Gaussians never change between frames.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ Module tree and state-dict names (identical to the authors' ``deform_network`` f
         pos_deform.{1,3}.{weight,bias}      ReLU, Linear(W, W), ReLU, Linear(W, 3)
         scales_deform.{1,3}.{weight,bias}   ... Linear(W, 3)
         rotations_deform.{1,3}.{weight,bias} ... Linear(W, 4)
+        rotvec_deform.{1,3}.{weight,bias}   ... Linear(W, 3)   only with motion="rigid" (not in the authors' model)
 
 The authors' dead modules (``timenet``, the positional-encoding buffers ``*_poc``, ``opacity_deform``) are not
 built; the AABB is a non-persistent buffer (the config is the source of truth).
@@ -18,6 +19,12 @@ built; the AABB is a non-persistent buffer (the config is the source of truth).
 Coordinates (faithful): the AABB is stored as [max, min] = [[+b]*3, [-b]*3], so the normalisation
 ``(p - aabb[0]) * 2 / (aabb[1] - aabb[0]) - 1`` gives ``p~ = -p / b``; time t = f / F is used as is
 (``time_mapping="faithful"``) or mapped to 2t - 1 (``"symmetric"``, an option that changes results).
+
+Motion (``DeformationConfig.motion``): ``"offset"`` (the authors') adds the head outputs, x + dx, log s + ds,
+q + dq. ``"rigid"`` adds a fourth head, a world-frame rotation vector w, and moves each Gaussian rigidly:
+x' = R(w) x + dx, log s' = log s + ds, q' = q_w ⊗ (q + dq) (``apply_deltas``; rotation helpers in ``rigid.py``).
+A part spinning rigidly about c is then the spatially constant pair (w, c - R c), which the smooth field fits
+easily, instead of the point-by-point offset R x - x.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .rigid import quat_multiply, quat_rotate, rotvec_to_quat
 
 #: The 6 coordinate pairs of (x, y, z, t) in itertools order: 0:(x,y) 1:(x,z) 2:(x,t) 3:(y,z) 4:(y,t) 5:(z,t).
 PLANE_PAIRS: Tuple[Tuple[int, int], ...] = tuple(itertools.combinations(range(4), 2))
@@ -48,6 +57,10 @@ AUTHORS_IGNORED_PREFIXES = (
 )
 
 TimeLike = Union[float, int, torch.Tensor]
+
+#: Names of the heads in ``_DeformationCore.heads()`` order (the last only with ``motion="rigid"``).
+HEAD_NAMES: Tuple[str, ...] = ("pos", "scale", "rot", "rigid")
+MOTIONS: Tuple[str, ...] = ("offset", "rigid")
 
 
 @dataclass
@@ -69,6 +82,8 @@ class DeformationConfig:
     plane_tv_weight: float = 0.05  # second-difference smoothness of the spatial planes (misnamed "TV")
     time_smoothness_weight: float = 5.0
     l1_time_planes_weight: float = 0.05
+    # "offset": x + dx (the authors') | "rigid": R(w) x + dx with a rotation-vector head w (see the module docstring)
+    motion: str = "offset"
 
     def __post_init__(self):
         self.resolution = tuple(int(r) for r in self.resolution)
@@ -80,6 +95,8 @@ class DeformationConfig:
             raise ValueError("head_init must be 'zero' or 'authors'")
         if self.time_mapping not in ("faithful", "symmetric"):
             raise ValueError("time_mapping must be 'faithful' or 'symmetric'")
+        if self.motion not in MOTIONS:
+            raise ValueError(f"motion must be one of {MOTIONS}, not {self.motion!r}")
         if self.depth < 1 or not self.multires:
             raise ValueError("depth must be >= 1 and multires non-empty")
 
@@ -216,15 +233,20 @@ class _DeformationCore(nn.Module):
         self.pos_deform = _head(cfg.width, 3)
         self.scales_deform = _head(cfg.width, 3)
         self.rotations_deform = _head(cfg.width, 4)
+        self.rigid = cfg.motion == "rigid"
+        if self.rigid:  # built last, so the other heads' seeded init matches motion="offset"
+            self.rotvec_deform = _head(cfg.width, 3)
 
-    def heads(self) -> Tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
-        return self.pos_deform, self.scales_deform, self.rotations_deform
+    def heads(self) -> Tuple[nn.Sequential, ...]:
+        """(pos, scales, rotations[, rotvec]): the modules of ``HEAD_NAMES`` that this network has."""
+        base = (self.pos_deform, self.scales_deform, self.rotations_deform)
+        return base + (self.rotvec_deform,) if self.rigid else base
 
     def forward(self, xyz: torch.Tensor, t: torch.Tensor):
         h = self.feature_out(self.grid(xyz, t))
-        # The three heads, evaluated as one: they all start with ReLU(h), so compute it once, run their first
-        # Linear layers as one [W -> 3W] GEMM and their last layers as one block-diagonal [3W -> 10] GEMM.
-        # Mathematically identical to calling pos_deform(h), scales_deform(h), rotations_deform(h).
+        # The heads, evaluated as one: they all start with ReLU(h), so compute it once, run their first Linear
+        # layers as one [W -> kW] GEMM and their last layers as one block-diagonal [kW -> 10 (13 rigid)] GEMM.
+        # Mathematically identical to calling pos_deform(h), scales_deform(h), rotations_deform(h)[, rotvec_deform(h)].
         heads = self.heads()
         w1 = torch.cat([hd[1].weight for hd in heads], dim=0)
         b1 = torch.cat([hd[1].bias for hd in heads], dim=0)
@@ -240,11 +262,31 @@ class _DeformationCore(nn.Module):
         return tuple(hd(h) for hd in self.heads())
 
 
+def move_points(xyz: torch.Tensor, dx: torch.Tensor, q: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Moved positions: ``xyz + dx`` (offset motion, ``q=None``) or ``R(q) xyz + dx`` (rigid, q the unit quaternion
+    of the rotation head). Also for points that are not Gaussians (mesh vertices)."""
+    return xyz + dx if q is None else quat_rotate(q, xyz) + dx
+
+
+def apply_deltas(xyz: torch.Tensor, log_scales: torch.Tensor, rotations: torch.Tensor,
+                 deltas: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical raw values + head outputs -> deformed raw values; the one place where they are composed.
+
+    ``deltas`` = (dx, ds, dq) (offset motion): (xyz + dx, log_scales + ds, rotations + dq); or (dx, ds, dq, w)
+    (rigid): (R xyz + dx, log_scales + ds, q_w ⊗ (rotations + dq)) with q_w = exp(w), R its matrix. The
+    quaternions stay unnormalised (q_w is unit, so the norm of rotations + dq is kept). Broadcasts."""
+    dx, ds, dq = deltas[:3]
+    q = rotvec_to_quat(deltas[3]) if len(deltas) == 4 else None
+    rot = rotations + dq
+    return move_points(xyz, dx, q), log_scales + ds, rot if q is None else quat_multiply(q, rot)
+
+
 class DeformationNetwork(nn.Module):
-    """HexPlane field + MLP giving per-Gaussian (dx, d log-scale, dq) at time t.
+    """HexPlane field + MLP giving per-Gaussian (dx, d log-scale, dq[, w]) at time t.
 
     ``deform`` returns *raw* values, like the authors: ``xyz + dx``, ``log_scales + ds`` and ``rotations + dq``
-    where ``rotations`` are the raw (unnormalised) quaternions; apply exp / normalize at use.
+    where ``rotations`` are the raw (unnormalised) quaternions; apply exp / normalize at use. With
+    ``motion="rigid"`` the centre and the quaternion are also rotated by exp(w) (``apply_deltas``).
     """
 
     def __init__(self, cfg: Optional[DeformationConfig] = None, seed: Optional[int] = None,
@@ -265,7 +307,8 @@ class DeformationNetwork(nn.Module):
     def reset_mlp_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """xavier_uniform_ weights; biases U(+-1/sqrt(fan_in)) (PyTorch's default, which the authors keep because of
         their init bug); with ``head_init="zero"`` the last Linear of each head is then zeroed (weights and bias),
-        so the deformation is exactly the identity until the first optimiser step."""
+        so the deformation is exactly the identity until the first optimiser step (also with ``motion="rigid"``:
+        w = 0 is the identity rotation)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight, gain=1.0, generator=generator)
@@ -273,8 +316,7 @@ class DeformationNetwork(nn.Module):
                     bound = 1.0 / math.sqrt(m.weight.shape[1]) if m.weight.shape[1] > 0 else 0.0
                     nn.init.uniform_(m.bias, -bound, bound, generator=generator)
         if self.cfg.head_init == "zero":
-            net = self.deformation_net
-            for head in (net.pos_deform, net.scales_deform, net.rotations_deform):
+            for head in self.deformation_net.heads():
                 nn.init.zeros_(head[-1].weight)
                 nn.init.zeros_(head[-1].bias)
 
@@ -283,6 +325,11 @@ class DeformationNetwork(nn.Module):
     @property
     def grid(self) -> HexPlaneField:
         return self.deformation_net.grid
+
+    @property
+    def head_names(self) -> Tuple[str, ...]:
+        """Names of ``deltas``' outputs: ("pos", "scale", "rot") or, rigid, ("pos", "scale", "rot", "rigid")."""
+        return HEAD_NAMES[:len(self.deformation_net.heads())]
 
     @staticmethod
     def _broadcast_time(t: TimeLike, n: int, ref: torch.Tensor) -> torch.Tensor:
@@ -293,9 +340,10 @@ class DeformationNetwork(nn.Module):
             return t.reshape(1, 1).expand(n, 1)
         return t.reshape(n, 1)
 
-    def deltas(self, xyz: torch.Tensor, t: TimeLike) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def deltas(self, xyz: torch.Tensor, t: TimeLike) -> Tuple[torch.Tensor, ...]:
         """(dx [N, 3], d log-scale [N, 3], dq [N, 4]) at canonical positions ``xyz`` and time(s) ``t``
-        (a float, a 0-d/1-element tensor, or one time per point [N] / [N, 1])."""
+        (a float, a 0-d/1-element tensor, or one time per point [N] / [N, 1]); with ``motion="rigid"`` also the
+        rotation vector w [N, 3]. Combine them with canonical values through ``apply_deltas``."""
         return self.deformation_net(xyz, self._broadcast_time(t, xyz.shape[0], xyz))
 
     def deform(
@@ -306,19 +354,20 @@ class DeformationNetwork(nn.Module):
         t: TimeLike,
         mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Deformed (xyz + dx, log_scales + ds, rotations + dq), all raw.
+        """Deformed (xyz + dx, log_scales + ds, rotations + dq), all raw (rigid motion: see ``apply_deltas``).
 
         ``rotations`` should be the raw quaternions (as the authors do); the result is *not* normalised. With
         ``mask`` [N] bool only those Gaussians are deformed (the authors' ``deformation_table``; all True there).
         """
         if mask is None:
-            dx, ds, dq = self.deltas(xyz, t)
-            return xyz + dx, log_scales + ds, rotations + dq
+            return apply_deltas(xyz, log_scales, rotations, self.deltas(xyz, t))
         mask = mask.to(torch.bool)
         tt = self._broadcast_time(t, xyz.shape[0], xyz)
-        dx, ds, dq = self.deformation_net(xyz[mask], tt[mask])
+        part = self.deformation_net(xyz[mask], tt[mask])
+        moved = apply_deltas(xyz[mask], log_scales[mask], rotations[mask], part)
         idx = mask.nonzero(as_tuple=True)[0]
-        return (xyz.index_add(0, idx, dx), log_scales.index_add(0, idx, ds), rotations.index_add(0, idx, dq))
+        # Scatter the deformed rows; x[idx] + d written back equals the former index_add bit for bit.
+        return tuple(full.index_copy(0, idx, rows) for full, rows in zip((xyz, log_scales, rotations), moved))
 
     forward = deform
 
@@ -365,7 +414,8 @@ class DeformationNetwork(nn.Module):
         """Load the authors' ``deformation.pth`` state dict; returns the keys that were ignored (dead modules).
 
         Every live tensor must be present with the same shape (so the config must match theirs, e.g.
-        ``DeformationConfig.authors()``); raises ``KeyError``/``ValueError`` otherwise.
+        ``DeformationConfig.authors()``, which has ``motion="offset"``: the authors have no rotation-vector head);
+        raises ``KeyError``/``ValueError`` otherwise.
         """
         own = self.state_dict()
         ignored, picked = [], {}
@@ -393,7 +443,8 @@ def deformed_params(
     mask: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """Raw Gaussian parameters of one frame (section 7): ``xyz + dx``, ``scaling + ds``, ``rotation + dq``
-    (unnormalised, as stored in the canonical PLY); every other entry (opacity, colour, ...) is passed through.
+    (unnormalised, as stored in the canonical PLY; rigid motion: ``apply_deltas``); every other entry (opacity,
+    colour, ...) is passed through.
 
     ``params`` is ``GaussianModel.params`` (or any mapping with ``xyz``/``scaling``/``rotation``); ``net=None``
     means no deformation (the coarse stage). Same count and order of Gaussians as the canonical set, so
@@ -407,7 +458,11 @@ def deformed_params(
 
 
 __all__ = [
+    "apply_deltas",
+    "move_points",
     "deformed_params",
+    "HEAD_NAMES",
+    "MOTIONS",
     "PLANE_PAIRS",
     "SPATIAL_PLANES",
     "TIME_PLANES",
