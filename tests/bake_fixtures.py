@@ -26,9 +26,7 @@ def moving_deformation(seed: int = 0, motion: float = 0.05, **cfg) -> Deformatio
     net = DeformationNetwork(DeformationConfig(**dict(SMALL_CFG, **cfg), head_init="authors"), seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for planes in net.grid.grids:
-            for pi in TIME_PLANES:
-                planes[pi].add_(torch.randn(planes[pi].shape, generator=g) * 0.5)
+        _randomise_time_planes(net, g)
         probe = torch.rand(512, 3, generator=g) - 0.5
         times = torch.linspace(0, 1, 9)
         core = net.deformation_net
@@ -77,6 +75,25 @@ def mesh_fit(tmp_path_factory) -> Path:
     """2500 Gaussians (a closed creature surface), 3 frames, for mesh tests."""
     return make_fit_dir(tmp_path_factory.mktemp("meshfit") / "out", num_gaussians=2500, num_frames=3, fps=8.0,
                         seed=1)
+
+
+def _randomise_time_planes(net: DeformationNetwork, g: torch.Generator) -> None:
+    """Random time planes, so the field's deltas change with t."""
+    for planes in net.grid.grids:
+        for pi in TIME_PLANES:
+            planes[pi].add_(torch.randn(planes[pi].shape, generator=g) * 0.5)
+
+
+def moving_rigid_deformation(cfg: DeformationConfig, seed: int = 0) -> DeformationNetwork:
+    """A ``motion="rigid"`` field (``cfg`` rigid, authors init) with non-zero, time-dependent heads and rotation
+    vectors of a few radians (some angles above pi)."""
+    net = DeformationNetwork(cfg, seed=seed)
+    with torch.no_grad():
+        _randomise_time_planes(net, torch.Generator().manual_seed(seed + 1))
+        last = net.deformation_net.rotvec_deform[3]
+        last.weight.mul_(20.0)
+        last.bias.zero_()
+    return net
 
 
 def quat_to_matrix(q: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bake_fixtures import SMALL_CFG, creature_model, make_fit_dir, mesh_fit, small_fit  # noqa: F401  (fixtures)
+from bake_fixtures import (SMALL_CFG, creature_model, make_fit_dir, mesh_fit,  # noqa: F401  (fixtures)
+                           moving_rigid_deformation, small_fit)
 from stag4d_backend.export.frames import FrameSampler, deform_points, sample_frames, srgb_to_linear
 from stag4d_backend.fitted import FittedModelError, load_fitted
 from stag4d_backend.gaussians.deformation import TIME_PLANES, DeformationConfig, DeformationNetwork
@@ -63,17 +64,7 @@ def test_frame_sampler_matches_network(cfg):
 
 
 def rigid_net(seed: int = 3) -> DeformationNetwork:
-    """A ``motion="rigid"`` field with non-zero, time-dependent heads and rotation angles of up to several radians."""
-    net = DeformationNetwork(DeformationConfig(**SMALL_CFG, head_init="authors", motion="rigid"), seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for planes in net.grid.grids:
-            for pi in TIME_PLANES:
-                planes[pi].add_(torch.randn(planes[pi].shape, generator=g) * 0.5)
-        last = net.deformation_net.rotvec_deform[3]
-        last.weight.mul_(20.0)
-        last.bias.zero_()
-    return net
+    return moving_rigid_deformation(DeformationConfig(**SMALL_CFG, head_init="authors", motion="rigid"), seed)
 
 
 def test_frame_sampler_rigid_matches_deform():

@@ -21,6 +21,7 @@ from stag4d_backend.gaussians.deformation import (
     plane_shapes,
     plane_smoothness,
 )
+from bake_fixtures import moving_rigid_deformation, quat_to_matrix
 from stag4d_backend.gaussians.rigid import SMALL_ANGLE_SQ, quat_multiply, quat_rotate, rotvec_to_quat
 
 SMALL = DeformationConfig(resolution=(8, 8, 8, 5), multires=(1, 2), feature_dim=8, width=16)
@@ -364,27 +365,11 @@ def _rodrigues(w) -> np.ndarray:
 def _quat_matrices(q) -> np.ndarray:
     """Rotation matrices [N, 3, 3] of (w, x, y, z) quaternions [N, 4], normalised first."""
     q = np.asarray(q, dtype=np.float64)
-    w, x, y, z = (q / np.linalg.norm(q, axis=-1, keepdims=True)).T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-        np.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-        np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-    ], -2)
+    return quat_to_matrix(q / np.linalg.norm(q, axis=-1, keepdims=True))
 
 
 def _moving_rigid(seed=0):
-    """A rigid net with non-zero, time-dependent heads (authors init, random time planes) and rotation vectors
-    of a few radians (some angles above pi)."""
-    net = DeformationNetwork(RIGID, seed=seed, head_init="authors")
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for planes in net.grid.grids:
-            for pi in TIME_PLANES:
-                planes[pi].add_(torch.randn(planes[pi].shape, generator=g) * 0.5)
-        last = net.deformation_net.rotvec_deform[3]
-        last.weight.mul_(20.0)
-        last.bias.zero_()
-    return net
+    return moving_rigid_deformation(replace(RIGID, head_init="authors"), seed)
 
 
 def test_rigid_config_heads_and_state_dict():
