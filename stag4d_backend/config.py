@@ -66,6 +66,10 @@ class FitConfig:
     # on background beyond ``silhouette_margin`` x the image side) in at least this many training views at some
     # frame is neither cloned nor split and is pruned (fitting/in_view.py); 0 = off (the authors' rule).
     stray_min_views: int = 0
+    # Ask every ray of every training render to stop at one surface: the sum over renders of the mean per-pixel
+    # spread of the blending weights along the ray (alpha x weighted variance of camera depth, units^2,
+    # Trainer.depth_spread_loss); 0 = off (the authors have no such term).
+    lambda_depth_spread: float = 0.0
     silhouette_margin: float = 0.02
     stray_prune_from: float = 0.5         # strays are pruned from this fraction of ``iters`` on; before, only
                                           # kept from densifying (early on, the motion is not learnt yet)

@@ -90,6 +90,24 @@ def test_rigid_motion_fits_and_loads(toy_dir, tmp_path):
     assert bool(torch.isfinite(g.means).all()) and bool(torch.isfinite(g.quats).all())
 
 
+def test_depth_spread_term_is_reported_and_equals_the_renders_spread(toy_dir):
+    """The optional one-surface term: off by default (no spread computed), and when on, the reported value is the
+    sum over the step's renders of their mean depth spread, which is positive on a fresh fit."""
+    from stag4d_backend.dataset import load_frames
+    from stag4d_backend.fitting.trainer import Trainer
+
+    cfg = _tiny(lambda_depth_spread=1000.0)
+    trainer = Trainer(cfg, load_frames(toy_dir, cfg.ref_resolution, cfg.anchor_resolution))
+    stats = trainer.step()
+    assert stats["depth_spread"] > 0
+    g = trainer.gaussians_at(None)
+    out = trainer.render(g, trainer.front, (1.0, 1.0, 1.0))
+    assert out.depth_spread is not None and float(Trainer.depth_spread_loss([out])) > 0
+    plain = Trainer(_tiny(), load_frames(toy_dir, cfg.ref_resolution, cfg.anchor_resolution))
+    assert "depth_spread" not in plain.step()
+    assert plain.render(g, plain.front, (1.0, 1.0, 1.0)).depth_spread is None
+
+
 def test_cancel_checkpoints_and_resumes(toy_dir, tmp_path):
     cfg = _tiny()
     seen = []

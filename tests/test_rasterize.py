@@ -413,6 +413,57 @@ def test_front_gaussian_wins(any_cpu_backend):
                                                    rel=1e-6)
 
 
+def test_depth_spread_two_layers(any_cpu_backend):
+    """Two Gaussians on the axis: the spread is the blending weights' alpha x variance of depth, by hand; one
+    Gaussian alone has none; without the flag the field is None."""
+    V = torch.eye(4)
+    K = torch.tensor([[30.0, 0, 8], [0, 30.0, 8], [0, 0, 1]])
+    params = _one([[0.0, 0.0, 2.5], [0.0, 0.0, 1.5]], 0.6, [0.7, 0.5], [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    res = rasterize(*params, V, K, 16, 16, [1, 1, 1], backend=any_cpu_backend, depth_spread=True)
+
+    def a_at(z, o, s=0.6, f=30.0):
+        return o * math.exp(-0.25 / ((f * s / z) ** 2 + 0.3))
+    af, ab = a_at(1.5, 0.5), a_at(2.5, 0.7)
+    w = [af, (1 - af) * ab]
+    alpha = sum(w)
+    mean = (w[0] * 1.5 + w[1] * 2.5) / alpha
+    expected = w[0] * (1.5 - mean) ** 2 + w[1] * (2.5 - mean) ** 2
+    assert res.depth_spread[8, 8].item() == pytest.approx(expected, rel=1e-4)
+    assert expected > 0.05
+    one = rasterize(*[p[1:] for p in params], V, K, 16, 16, [1, 1, 1], backend=any_cpu_backend, depth_spread=True)
+    assert one.depth_spread.abs().max().item() < 1e-5
+    assert rasterize(*params, V, K, 16, 16, [1, 1, 1], backend=any_cpu_backend).depth_spread is None
+
+
+def test_depth_spread_matches_composited_depth_moments(cpu_backend):
+    """On a random scene, the spread and its gradients equal those built from two plain renders whose colours
+    are camera z and z^2 (black background: the image is then the weighted sums)."""
+    viewmat = look_at((1.2, 0.8, -1.4))
+    K = intrinsics(40, 32)
+    g = torch.Generator().manual_seed(3)
+    n = 150  # a cloud of overlapping layers in front of the camera (no near-plane giants hiding them)
+    params = [(torch.rand(n, 3, generator=g) * 2 - 1) * 0.6, torch.randn(n, 4, generator=g),
+              torch.rand(n, 3, generator=g) * 0.08 + 0.02, torch.rand(n, generator=g) * 0.6 + 0.3,
+              torch.rand(n, 3, generator=g)]
+    res, _, leaves = run(params, viewmat, K, 40, 32, [1, 1, 1], cpu_backend, depth_spread=True)
+    weights = torch.rand(res.depth_spread.shape, generator=torch.Generator().manual_seed(5))
+    (res.depth_spread * weights).sum().backward()
+    grads = [p.grad for p in leaves]
+
+    ref_leaves = [p.detach().clone().requires_grad_(True) for p in params]
+    means = ref_leaves[0]
+    z = (torch.cat([means, torch.ones(len(means), 1)], -1) @ viewmat.T)[:, 2:3]
+    moments = rasterize(*ref_leaves[:4], torch.cat([z, z * z, torch.zeros_like(z)], -1), viewmat, K, 40, 32,
+                        [0, 0, 0], backend=cpu_backend)
+    ez, ez2 = moments.rgb[..., 0], moments.rgb[..., 1]
+    ref = (ez2 - ez * ez / moments.alpha.clamp_min(1e-10)).clamp_min(0.0)
+    assert torch.allclose(res.depth_spread, ref, atol=1e-5)
+    assert res.depth_spread.max().item() > 1e-2  # overlapping layers exist
+    (ref * weights).sum().backward()
+    for g, r in zip(grads[:4], ref_leaves[:4]):
+        assert torch.allclose(g, r.grad, atol=1e-4, rtol=1e-3)
+
+
 def test_early_termination(any_cpu_backend):
     """Stack of large 0.85-opacity layers: T = 0.15^k hits <= 1e-4 at the 5th layer, which is NOT added."""
     V = torch.eye(4)

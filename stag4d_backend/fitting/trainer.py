@@ -134,11 +134,27 @@ class Trainer:
     def gaussians_at(self, t: float | None, campos: torch.Tensor | None = None) -> FrameGaussians:
         return frame_gaussians(self.model, self.deformation if t is not None else None, t, campos)
 
-    @staticmethod
-    def render(g: FrameGaussians, cam: _CameraTensors, background, size: int | None = None):
+    def render(self, g: FrameGaussians, cam: _CameraTensors, background, size: int | None = None):
         size = size or cam.size
         return rasterize(g.means, g.quats, g.scales, g.opacities, g.colors, cam.viewmat, cam.K, size, size,
-                         torch.tensor(background, dtype=g.means.dtype, device=g.means.device))
+                         torch.tensor(background, dtype=g.means.dtype, device=g.means.device),
+                         depth_spread=self.cfg.lambda_depth_spread > 0)
+
+    def _surface_terms(self, renders, terms: dict) -> torch.Tensor | float:
+        """The optional one-surface term over the step's renders (0 when off); its value goes into ``terms``."""
+        if self.cfg.lambda_depth_spread <= 0:
+            return 0.0
+        l_spread = self.depth_spread_loss(renders)
+        terms["depth_spread"] = l_spread.item()
+        return self.cfg.lambda_depth_spread * l_spread
+
+    @staticmethod
+    def depth_spread_loss(renders) -> torch.Tensor:
+        """Sum over renders of the mean per-pixel spread of the blending weights along the ray (alpha x the
+        weighted variance of depth): 0 when every pixel's colour comes from one thin layer. With few views, layers
+        of half-transparent Gaussians at different depths can paint each training view and disagree everywhere
+        else; this asks each ray to stop at one surface."""
+        return sum(r.depth_spread.mean() for r in renders)
 
     def _rand(self) -> float:
         return float(torch.rand(1, generator=self.generator).item())
@@ -212,6 +228,7 @@ class Trainer:
                 total = total + cfg.lambda_sds * l_sds
                 terms["sds"] += l_sds.item()
 
+        total = total + self._surface_terms(renders, terms)
         reg = self.deformation.regularization()["total"]
         total = total + reg
         terms["reg"] = reg.item()
@@ -236,7 +253,7 @@ class Trainer:
                                                      info=info)
 
         self.it = it
-        stats = {k: v / cfg.batch_size if k != "reg" else v for k, v in terms.items()}
+        stats = {k: v / cfg.batch_size if k not in ("reg", "depth_spread") else v for k, v in terms.items()}
         stats.update(step=it, total=cfg.iters, loss=total.item(), stage="fine" if fine else "coarse",
                      num_gaussians=self.model.num_points,
                      psnr_ref=-10.0 * math.log10(max(stats["ref_rgb"], 1e-10)))

@@ -93,9 +93,11 @@ def rasterize_gsplat(
     far: float,
     eps2d: float,
     tile_size: int = 16,
+    depth_squared: bool = False,
 ):
-    """Returns (image [H, W, 4] = RGB + accumulated depth, alpha [H, W], means2d [N, 2], radii [N, 2],
-    depths [N]); no background, depth not yet normalised (same as ``composite_torch``'s output)."""
+    """Returns (image [H, W, 4] = RGB + accumulated depth (+ accumulated depth squared with ``depth_squared``:
+    [H, W, 5]), alpha [H, W], means2d [N, 2], radii [N, 2], depths [N]); no background, depth not yet normalised
+    (same as ``composite_torch``'s output)."""
     if not means.is_cuda:
         raise RuntimeError("backend='gsplat' needs CUDA tensors (gsplat's rasteriser has no CPU kernel)")
     fully_fused_projection, isect_tiles, isect_offset_encode, rasterize_to_pixels = _import_gsplat_ops()
@@ -116,7 +118,8 @@ def rasterize_gsplat(
         means2d_n.retain_grad()
     depths_n = depths[0]
 
-    features = torch.cat([colors, depths_n[:, None]], dim=-1)  # RGB + depth, [N, 4]
+    z = depths_n[:, None]
+    features = torch.cat([colors, z] + ([z * z] if depth_squared else []), dim=-1)  # RGB + depth (+ depth^2)
     tile_width = math.ceil(width / float(tile_size))
     tile_height = math.ceil(height / float(tile_size))
     _, isect_ids, flatten_ids = isect_tiles(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -42,6 +42,9 @@ class RasterResult:
     means2d: Tensor  # [N, 2] pixel coordinates; .grad is populated by backward when it requires grad
     radii: Tensor  # [N] int32, max of the x/y radii in pixels, 0 = not drawn
     backend: str = "torch"  # the backend that actually ran
+    # [H, W] spread of the blending weights w along each ray: sum w z^2 - (sum w z)^2 / alpha, i.e. alpha x the
+    # weighted variance of camera z (0 for one thin layer); only with ``depth_spread=True``, else None.
+    depth_spread: Optional[Tensor] = None
 
 
 def _load_cpp() -> Union[Callable, None]:
@@ -168,6 +171,7 @@ def rasterize(
     far: float = 1e10,
     eps2d: float = 0.3,
     backend: str = "auto",
+    depth_spread: bool = False,
 ) -> RasterResult:
     """Render N 3D Gaussians with one pinhole camera.
 
@@ -176,7 +180,8 @@ def rasterize(
         linear; opacities [N] in 0..1; colors [N, 3] in 0..1; viewmat [4, 4] world->camera (OpenCV: x right,
         y down, z forward); K [3, 3] pinhole intrinsics; width, height in pixels; background [3].
     Returns:
-        RasterResult(rgb [H, W, 3], alpha [H, W], depth [H, W], means2d [N, 2], radii [N] int32, backend).
+        RasterResult(rgb [H, W, 3], alpha [H, W], depth [H, W], means2d [N, 2], radii [N] int32, backend,
+        depth_spread [H, W] when ``depth_spread``: one more composited channel, camera z squared).
     """
     width, height = int(width), int(height)
     device, dtype = means.device, means.dtype
@@ -187,7 +192,8 @@ def rasterize(
         from .gsplat_backend import rasterize_gsplat
 
         image, alpha, means2d, radii_xy, _ = rasterize_gsplat(
-            means, quats, scales, opacities, colors, viewmat, K, width, height, near, far, eps2d
+            means, quats, scales, opacities, colors, viewmat, K, width, height, near, far, eps2d,
+            depth_squared=depth_spread,
         )
     else:
         project = None
@@ -200,7 +206,8 @@ def rasterize(
         if means2d.requires_grad:
             means2d.retain_grad()
         radii_xy = proj.radii
-        features = torch.cat([colors.to(dtype), proj.depths[:, None]], dim=-1)  # RGB + camera z
+        z = proj.depths[:, None]
+        features = torch.cat([colors.to(dtype), z] + ([z * z] if depth_spread else []), dim=-1)  # RGB, z (, z^2)
         if which == "torch":
             compositor = composite_torch
         elif which == "cpp":
@@ -213,7 +220,9 @@ def rasterize(
     rgb = image[..., :3] + (1.0 - alpha)[..., None] * bg
     depth = image[..., 3] / alpha.clamp_min(1e-10)
     radii = radii_xy.max(dim=-1).values.to(torch.int32)
-    return RasterResult(rgb=rgb, alpha=alpha, depth=depth, means2d=means2d, radii=radii, backend=which)
+    spread = (image[..., 4] - image[..., 3] * depth).clamp_min(0.0) if depth_spread else None
+    return RasterResult(rgb=rgb, alpha=alpha, depth=depth, means2d=means2d, radii=radii, backend=which,
+                        depth_spread=spread)
 
 
 __all__ = ["rasterize", "RasterResult", "resolve_backend", "available_backends", "cpp_compositor_available",
