@@ -111,7 +111,7 @@ def synthetic(args) -> dict:
     write_stag4d_layout(creature, data_dir, num_frames=args.frames, size=args.size, anchor_size=args.size)
     print(f"ground truth written to {data_dir} in {time.perf_counter() - t0:.0f}s", flush=True)
     outcome, wall, cfg = _fit(data_dir, work / "fit", args.preset, args.iters, threads=args.threads,
-                              max_minutes=args.max_minutes)
+                              max_minutes=args.max_minutes, overrides=args.set)
     animated, meta = load_fitted(work / "fit")
 
     held_p, held_s, pics = [], [], []
@@ -146,7 +146,8 @@ def synthetic(args) -> dict:
         Image.fromarray((np.concatenate(rows, 0) * 255).clip(0, 255).astype(np.uint8)).save(args.picture)
         print(f"picture (ground truth | render) -> {args.picture}")
     return {
-        "scene": "synthetic", "preset": args.preset, "iters": cfg.iters, "steps_done": outcome.iterations,
+        "scene": "synthetic", "preset": args.preset, "set": args.set or [], "iters": cfg.iters,
+        "steps_done": outcome.iterations,
         "backend": _backend(), "frames": args.frames, "size": args.size,
         "fit_wall_s": round(wall, 1), "num_gaussians": outcome.num_gaussians,
         "held_out_psnr": round(float(np.mean(held_p)), 2), "held_out_ssim": round(float(np.mean(held_s)), 4),
@@ -166,7 +167,7 @@ def minions(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="stag4d-minions-"))
     frames = list(range(args.frames)) if args.frames else None
     outcome, wall, cfg = _fit(data_dir, work / "fit", args.preset, args.iters, frames=frames, threads=args.threads,
-                              max_minutes=args.max_minutes)
+                              max_minutes=args.max_minutes, overrides=args.set)
     animated, meta = load_fitted(work / "fit")
     data = load_frames(data_dir, args.size, args.size, frames=frames)
     front, anchor = [], []
@@ -175,7 +176,8 @@ def minions(args) -> dict:
         for k, cam in enumerate(anchor_cameras(args.size, radius=cfg.anchor_radius or cfg.radius)):
             anchor.append(psnr(render_fitted(animated, cam, i), data.anchor_rgb[i, k]))
     return {
-        "scene": "minions", "preset": args.preset, "iters": cfg.iters, "steps_done": outcome.iterations,
+        "scene": "minions", "preset": args.preset, "set": args.set or [], "iters": cfg.iters,
+        "steps_done": outcome.iterations,
         "backend": _backend(), "frames": data.num_frames, "size": args.size,
         "fit_wall_s": round(wall, 1), "num_gaussians": outcome.num_gaussians,
         "front_psnr": round(float(np.mean(front)), 2), "anchor_psnr": round(float(np.mean(anchor)), 2),
@@ -361,7 +363,7 @@ def main() -> None:
     p.add_argument("--preset", default="preview")
     p.add_argument("--iters", type=int, help="override the preset's iterations")
     p.add_argument("--set", action="append", metavar="KEY=JSON",
-                   help="hard: override a config field of the preset, e.g. anchors_per_step=3 or "
+                   help="override a config field of the preset, e.g. anchors_per_step=3 or "
                         "densify.max_gaussians=20000 (repeatable; recorded in each JSON line)")
     p.add_argument("--frames", type=int, default=16, help="synthetic: frames; minions: first N frames (0 = all)")
     p.add_argument("--size", type=int, default=256)
