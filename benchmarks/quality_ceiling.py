@@ -35,8 +35,8 @@ STATIC_FRAME = 4
 
 def repeated_frame_data(exact: Path, frame: int, num_frames: int, out: Path) -> Path:
     """A STAG4D data folder of ``num_frames`` frames that are all frame ``frame`` of ``exact`` (front + anchors)."""
+    (out / "ref").mkdir(parents=True, exist_ok=True)
     for f in range(num_frames):
-        (out / "ref").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(exact / "ref" / f"{frame}_rgba.png", out / "ref" / f"{f}_rgba.png")
         shutil.copytree(exact / "zero123" / f"{frame}_rgba", out / "zero123" / f"{f}_rgba", dirs_exist_ok=True)
     return out
@@ -48,15 +48,17 @@ def main() -> None:
     folder = scene_dir(scene)
     meta = json.loads((folder / "scene.json").read_text())
     held = [OrbitCamera.from_dict(c) for c in meta["heldout_cameras"]]
-    data, frames = folder / "exact", None
-    if mode == "static":
+    kind, _, arg = mode.partition("=")
+    data, frames, repeat = folder / "exact", None, None
+    if kind == "static":
         frames = [STATIC_FRAME]
-    elif mode.startswith("frames="):
-        a, b = (int(x) for x in mode.split("=", 1)[1].split("-"))
+    elif kind == "frames":
+        a, b = (int(x) for x in arg.split("-"))
         frames = list(range(a, b + 1))
-    elif mode.startswith("repeat="):
-        data = repeated_frame_data(data, int(mode.split("=", 1)[1]), meta["frames"], out.parent / f"{out.name}-data")
-    elif mode != "full":
+    elif kind == "repeat":
+        repeat = int(arg)
+        data = repeated_frame_data(data, repeat, meta["frames"], out.parent / f"{out.name}-data")
+    elif kind != "full":
         raise SystemExit(f"unknown mode {mode!r}: full, static, frames=A-B or repeat=F")
     _, wall, cfg = _fit(data, out, "preview", int(os.environ.get("ITERS", 0)) or None, frames=frames,
                         threads=1, overrides=sets)
@@ -65,13 +67,12 @@ def main() -> None:
     res = {"scene": scene, "mode": mode, "set": sets, "wall": round(wall), "load_avg_1m": round(os.getloadavg()[0], 2)}
     # (scene frame whose images score it, frame index in the fit): a fit of some frames holds frame f at its index
     # in ``frames``; a repeated-frame fit is scored at the held-out frame indices against its one frame.
-    if mode.startswith("repeat="):
-        src = int(mode.split("=", 1)[1])
-        pairs = [(src, i) for i in meta["heldout_frames"]]
+    if repeat is not None:
+        pairs = [(repeat, i) for i in meta["heldout_frames"]]
     else:
         pairs = [(f, i) for i, f in enumerate(frames)] if frames else [(f, f) for f in meta["heldout_frames"]]
     for f, fitted_frame in pairs:
-        key = f"f{fitted_frame}" if mode.startswith("repeat=") else f"f{f}"
+        key = f"f{fitted_frame}" if repeat is not None else f"f{f}"
         res[key] = {"anchors": round(float(np.mean([
             psnr(_render(anim, c, fitted_frame)[0],
                  read_rgba(folder / "exact" / "zero123" / f"{f}_rgba" / f"{k}.png")[0])
