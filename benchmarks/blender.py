@@ -224,10 +224,13 @@ def time_job(job_dir: Path, frames: int, repeats: int) -> dict:
 
 
 def time_render(job_dir: Path, size: int, samples: int, adaptive_min: int | None = None,
-                sampling: str = "EXACT", elevation: float = 0.0, azimuth: float = 0.0, realize: bool = True) -> float:
+                sampling: str = "EXACT", elevation: float = 0.0, azimuth: float = 0.0, realize: bool = True,
+                plain_material: bool = False, ray_stop: bool = False) -> float:
     """Wall time of one Cycles render (CPU, no denoising) of frame 0 through an orbit camera (default: the
     benchmarks' front camera, whose axes are the world's) with the panel's Splat Sampling ``sampling`` and the
-    modifier's "Realize for Render" ``realize``."""
+    modifier's "Realize for Render" ``realize``. ``plain_material``: the splat material's alpha replaced by a
+    constant 0.3 (same squares, same crossings in Exact per Sample: the difference is the material's cost).
+    ``ray_stop``: the panel's Ray Stop made first (the backend's stop maps for this camera, timed apart)."""
     from blender_addon import splat_nodes
 
     bpy = _bpy()
@@ -239,10 +242,63 @@ def time_render(job_dir: Path, size: int, samples: int, adaptive_min: int | None
     assert bpy.ops.stag4d.import_job(directory=str(job_dir)) == {"FINISHED"}
     scene.stag4d.splat_sampling = sampling
     splat_nodes.set_modifier_input(scene.stag4d.jobs[0].gaussians, "Realize for Render", realize)
+    if plain_material:
+        tree = bpy.data.materials[splat_nodes.SPLAT_MATERIAL].node_tree
+        mix = next(n for n in tree.nodes if n.type == "MIX_SHADER")
+        for link in list(mix.inputs["Fac"].links):
+            tree.links.remove(link)
+        mix.inputs["Fac"].default_value = 0.3
+    if ray_stop:
+        _camera(bpy, scene, OrbitCamera(size=size, elevation=elevation, azimuth=azimuth))
+        scene.render.resolution_x = scene.render.resolution_y = size  # as render_blender will render
+        scene.render.resolution_percentage = 100
+        t0 = time.perf_counter()
+        make_ray_stop(bpy, scene)
+        print(f"ray stop maps ({scene.frame_end - scene.frame_start + 1} frames, backend process): "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
     t0 = time.perf_counter()
     render_blender(scene, OrbitCamera(size=size, elevation=elevation, azimuth=azimuth), 0,
                    Path(tempfile.mkdtemp(prefix="stag4d-rt-")) / "r.png", samples=samples, adaptive_min=adaptive_min)
     return time.perf_counter() - t0
+
+
+def ray_stop_fidelity(job_dir: Path, size: int, elevation: float, azimuth: float) -> dict:
+    """Cycles (Exact per Sample, 1 sample, pixel-centre filter) of frame 0 without and with the Ray Stop: each
+    against the backend, and the two against each other, with their render times."""
+    bpy = _bpy()
+    from stag4d_backend.render.cameras import OrbitCamera
+
+    clean(bpy)
+    scene = bpy.context.scene
+    orbit = OrbitCamera(size=size, elevation=elevation, azimuth=azimuth)
+    ensure_camera(scene, orbit)
+    scene.render.resolution_x = scene.render.resolution_y = size
+    assert bpy.ops.stag4d.import_job(directory=str(job_dir)) == {"FINISHED"}
+    scene.cycles.filter_width = 0.01
+    out = {}
+    for name in ("without", "with"):
+        if name == "with":
+            make_ray_stop(bpy, scene)
+        out[name] = render_and_compare(job_dir, scene, frame=0, size=size, samples=1, elevation=elevation,
+                                       azimuth=azimuth)
+    out["between"] = fidelity(out["without"]["blender"], out["with"]["blender"])
+    return out
+
+
+def make_ray_stop(bpy, scene) -> None:
+    """The panel's Ray Stop for the scene's first job, waited for (the backend's maps, then the material)."""
+    import threading
+
+    from blender_addon import ray_stop, state
+
+    item = scene.stag4d.jobs[0]
+    assert bpy.ops.stag4d.ray_stop(key=item.key) == {"FINISHED"}
+    for t in threading.enumerate():
+        if t.name.startswith("stag4d-ray-stop"):
+            t.join()
+    state.process_updates()
+    if item.error or scene.get(ray_stop.OFF_REASON_KEY):
+        raise RuntimeError(f"ray stop: {item.error or scene.get(ray_stop.OFF_REASON_KEY)}")
 
 
 def _captioned(rows: list[np.ndarray], titles: list[str], row_labels: list[str]) -> np.ndarray:
@@ -546,6 +602,12 @@ def main() -> None:
                     help="with --render: the panel's Splat Sampling 'Converging' (else 'Exact per Sample')")
     ap.add_argument("--view", type=float, nargs=2, default=(0.0, 0.0), metavar=("ELEVATION", "AZIMUTH"),
                     help="with --render: the orbit camera (default 0 0: the front, aligned with the world's axes)")
+    ap.add_argument("--ray-stop-fidelity", action="store_true",
+                    help="with --render SIZE N: Cycles without / with the Ray Stop vs the backend (1 sample)")
+    ap.add_argument("--ray-stop", action="store_true",
+                    help="with --render: the panel's Ray Stop on (the backend's stop maps, made first and timed apart)")
+    ap.add_argument("--plain-material", action="store_true",
+                    help="with --render: the splat material's alpha a constant (times the material's share)")
     ap.add_argument("--instanced", action="store_true",
                     help="with --render: 'Realize for Render' off (the squares reach Cycles as instances)")
     ap.add_argument("--adaptive", type=int, metavar="MIN_SAMPLES",
@@ -579,12 +641,22 @@ def main() -> None:
         size = (job / "bake" / "gaussians.usdc").stat().st_size / 1e6
         print(f"| {n:,} | {args.frames} | {size:.1f} | {r['import_s']:.3f} | {r['frame_ms']:.1f} / "
               f"{r['frame_p90_ms']:.1f} | {r['points_frame_ms']:.1f} | load {os.getloadavg()[0]:.1f}", flush=True)
-        if args.render:
+        if args.render and args.ray_stop_fidelity:
+            r = ray_stop_fidelity(job, args.render[0], *args.view)
+            for name in ("without", "with"):
+                print(f"Ray stop {name}: PSNR on white {r[name]['psnr_white']:.2f} dB, |rgb| "
+                      f"{r[name]['rgb_diff']:.2f}, IoU {r[name]['iou']:.4f}, {r[name]['render_s']:.1f} s", flush=True)
+            print(f"Ray stop, with vs without: PSNR on white {r['between']['psnr_white']:.2f} dB, "
+                  f"|rgb| {r['between']['rgb_diff']:.3f}", flush=True)
+        elif args.render:
             mode = "" if args.adaptive is None else f", adaptive sampling (min {args.adaptive})"
             sampling = "CONVERGING" if args.converging else "EXACT"
             wall = time_render(job, *args.render, adaptive_min=args.adaptive, sampling=sampling,
-                               elevation=args.view[0], azimuth=args.view[1], realize=not args.instanced)
+                               elevation=args.view[0], azimuth=args.view[1], realize=not args.instanced,
+                               plain_material=args.plain_material, ray_stop=args.ray_stop)
             mode += ", instanced" if args.instanced else ""
+            mode += ", ray stop" if args.ray_stop else ""
+            mode += ", plain material (constant alpha)" if args.plain_material else ""
             print(f"Cycles {args.render[0]} px, {args.render[1]} spp{mode}, {sampling.lower()} splat sampling, "
                   f"camera el {args.view[0]:g} az {args.view[1]:g}, {n:,} splats: {wall:.1f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)

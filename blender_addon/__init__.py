@@ -24,19 +24,37 @@ def _on_load(_dummy=None):
         print(f"STAG4D: could not reattach jobs: {exc}")
 
 
+@persistent
+def _ray_stop_refresh(scene=None, _depsgraph=None):
+    # The Cycles ray stop on only while a render would trace the rays its maps were made for (ray_stop.py).
+    from . import ray_stop
+
+    try:
+        if scene is not None and scene.get(ray_stop.SCENE_KEY):
+            ray_stop.refresh(scene)
+    except Exception as exc:  # noqa: BLE001 - a handler must not break the update or the render
+        print(f"STAG4D: ray stop check failed: {exc}")
+
+
+_HANDLERS = (("load_post", _on_load), ("depsgraph_update_post", _ray_stop_refresh),
+             ("render_init", _ray_stop_refresh))
+
+
 def register():
     for cls in _classes:
         bpy.utils.register_class(cls)
     props.register_props()
-    if _on_load not in bpy.app.handlers.load_post:
-        bpy.app.handlers.load_post.append(_on_load)
+    for name, handler in _HANDLERS:
+        if handler not in getattr(bpy.app.handlers, name):
+            getattr(bpy.app.handlers, name).append(handler)
     state.ensure_timer()
 
 
 def unregister():
     state.remove_timer()
-    if _on_load in bpy.app.handlers.load_post:
-        bpy.app.handlers.load_post.remove(_on_load)
+    for name, handler in _HANDLERS:
+        if handler in getattr(bpy.app.handlers, name):
+            getattr(bpy.app.handlers, name).remove(handler)
     state.stop_all(stop_server=True)
     props.unregister_props()
     for cls in reversed(_classes):

@@ -100,9 +100,14 @@ def model_dir(job_dir: Path) -> Path:
 class ExactRender(threading.Thread):
     """Runs ``stag4d render --views`` and posts its progress; never touches bpy."""
 
-    def __init__(self, key: str, command: list[str], model: Path, views: list[dict], out_dir: Path):
-        super().__init__(daemon=True, name=f"stag4d-exact-{key[:8]}")
+    def __init__(self, key: str, command: list[str], model: Path, views: list[dict], out_dir: Path,
+                 kind: str = "exact", extra_args: tuple[str, ...] = ()):
+        """``kind``: the posted updates' type ("exact"; "ray_stop" for the ray stop's maps, ray_stop.py, made
+        with ``extra_args`` ("--stop-depth",))."""
+        super().__init__(daemon=True, name=f"stag4d-{kind.replace('_', '-')}-{key[:8]}")
         self.key, self.command, self.model, self.views, self.out_dir = key, command, model, views, out_dir
+        self.kind, self.extra_args = kind, tuple(extra_args)
+        self.label = "Ray stop" if kind == "ray_stop" else "Exact display"
         self.proc: subprocess.Popen | None = None
 
     def run(self) -> None:
@@ -110,24 +115,25 @@ class ExactRender(threading.Thread):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             views_path = self.out_dir / "views.json"
             views_path.write_text(json.dumps(self.views))
-            argv = [*self.command, "render", str(self.model), "--views", str(views_path), "-o", str(self.out_dir)]
+            argv = [*self.command, "render", str(self.model), "--views", str(views_path), "-o", str(self.out_dir),
+                    *self.extra_args]
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             done = 0
             for line in self.proc.stdout:
                 if line.startswith("view "):
                     done += 1
-                    post({"type": "exact", "key": self.key, "done": done, "total": len(self.views)})
+                    post({"type": self.kind, "key": self.key, "done": done, "total": len(self.views)})
             err = self.proc.stderr.read().strip()
             rc = self.proc.wait()
             if rc != 0:
                 last = err.splitlines()[-1] if err else f"exit status {rc}"
-                post({"type": "exact", "key": self.key, "error": f"Exact display: the backend's render failed: "
-                                                                 f"{last}"})
+                post({"type": self.kind, "key": self.key,
+                      "error": f"{self.label}: the backend's render failed: {last}"})
                 return
-            post({"type": "exact", "key": self.key, "done": len(self.views), "total": len(self.views),
-                  "folder": str(self.out_dir)})
+            post({"type": self.kind, "key": self.key, "done": len(self.views), "total": len(self.views),
+                  "folder": str(self.out_dir), "first": min((v["index"] for v in self.views), default=0)})
         except Exception as exc:  # noqa: BLE001 - reported on the job, never raised on a thread
-            post({"type": "exact", "key": self.key, "error": f"Exact display: {type(exc).__name__}: {exc}"})
+            post({"type": self.kind, "key": self.key, "error": f"{self.label}: {type(exc).__name__}: {exc}"})
 
 
 # ---- the compositor ---------------------------------------------------------------------------------------------

@@ -285,6 +285,48 @@ class STAG4D_OT_exact_display(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class STAG4D_OT_ray_stop(bpy.types.Operator):
+    """Cycles: let the backend map, for the scene camera and every frame, the depth past which the splats hide
+    everything; camera rays end there (the same image, ~4x fewer splat crossings). Run it again after changing
+    the camera's animation"""
+
+    bl_idname = "stag4d.ray_stop"
+    bl_label = "Ray Stop"
+    bl_options = {"REGISTER"}
+    key: StringProperty(options={"SKIP_SAVE", "HIDDEN"})
+    remove: BoolProperty(default=False, options={"SKIP_SAVE"}, description="Turn the ray stop off")
+
+    def execute(self, context):
+        from . import exact_display, ray_stop
+        from .backend.client import BackendError
+        from .backend.server_process import find_backend_command
+
+        item = _item(context, self.key)
+        obj = item.gaussians if item is not None else None
+        if obj is None or item.collection is None:
+            self.report({"ERROR"}, "Import the job first")
+            return {"CANCELLED"}
+        scene = context.scene
+        if self.remove:
+            ray_stop.disable(scene)
+            item.message = "Ray stop off: Cycles rays cross every splat again"
+            return {"FINISHED"}
+        job_dir = Path(item.collection.get("stag4d_dir", "") or item.directory)
+        try:
+            command = find_backend_command(bpy.path.abspath(get_prefs().python_path or ""))
+            manifest = importer.read_manifest(job_dir / "bake")
+            views = exact_display.views_for_scene(scene, obj, manifest.get("frame_values"))
+        except (BackendError, exact_display.ExactDisplayError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        out = job_dir / exact_display.FOLDER / bpy.path.clean_name(scene.camera.name)
+        exact_display.ExactRender(item.key, command, exact_display.model_dir(job_dir), views, out,
+                                  kind="ray_stop", extra_args=("--stop-depth",)).start()
+        item.error = ""
+        item.message = f"Ray stop: the backend maps {len(views)} frames..."
+        return {"FINISHED"}
+
+
 class STAG4D_OT_open_folder(bpy.types.Operator):
     """Open the job's folder in the file browser of the system"""
 
@@ -437,6 +479,6 @@ class STAG4D_OT_export_spz(_ExportSequence, bpy.types.Operator):
 
 
 classes = (STAG4D_OT_generate, STAG4D_OT_cancel, STAG4D_OT_resume, STAG4D_OT_import_job, STAG4D_OT_match_camera,
-           STAG4D_OT_exact_display, STAG4D_OT_open_folder,
+           STAG4D_OT_exact_display, STAG4D_OT_ray_stop, STAG4D_OT_open_folder,
            STAG4D_OT_remove_job, STAG4D_OT_connect, STAG4D_OT_stop_server, STAG4D_OT_export_usd,
            STAG4D_OT_export_alembic, STAG4D_OT_export_gltf, STAG4D_OT_export_spz)

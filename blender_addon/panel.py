@@ -189,6 +189,7 @@ class STAG4D_PT_job(bpy.types.Panel):
             if exact:
                 op = row.operator("stag4d.exact_display", text="", icon="X")
                 op.key, op.remove = item.key, True
+            _ray_stop_row(box, context.scene, item)
         if item.collection is not None:
             row = layout.row(align=True)
             op = row.operator("stag4d.export_usd", text="USD", icon="EXPORT")
@@ -279,4 +280,22 @@ class STAG4D_PT_jobs(bpy.types.Panel):
         layout.operator("stag4d.import_job", text="Import Job Folder...", icon="FILE_FOLDER")
 
 
+def _ray_stop_row(layout, scene, item) -> None:
+    """The Cycles ray stop (ray_stop.py): make / remake its maps, turn it off, and why it is off if it is."""
+    from . import ray_stop
+
+    row = layout.row(align=True)
+    on = ray_stop.record(scene) is not None
+    op = row.operator("stag4d.ray_stop", text="Ray Stop (Cycles, backend maps)" if not on else "Remake Ray Stop",
+                      icon="RESTRICT_RENDER_OFF")
+    op.key = item.key
+    if on:
+        op = row.operator("stag4d.ray_stop", text="", icon="X")
+        op.key, op.remove = item.key, True
+        off = scene.get(ray_stop.OFF_REASON_KEY, "")
+        if off:
+            layout.label(text=f"Ray stop off: {off}", icon="INFO")
+
+
 classes = (STAG4D_UL_jobs, STAG4D_PT_main, STAG4D_PT_job, STAG4D_PT_jobs)
+

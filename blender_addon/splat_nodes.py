@@ -48,7 +48,9 @@ POINTS_MATERIAL = "STAG4D points"
 #    from the instancer or from the geometry, whichever has it.
 # 9: the realized squares built in the camera's axes and placed as two instances of one mesh (Cycles keeps the
 #    mesh's own BVH, whose boxes then lie flat): oblique cameras 3x faster.
-VERSION = 9
+# 10: the ray stop in the splat material (off until ray_stop.enable sets a stop map): a camera ray past its
+#    pixel's stop depth ends there.
+VERSION = 10
 
 DEFAULT_EXTENT = 3.0        # sigmas: the backend's rasteriser cuts Gaussians at 3 sigma as well
 # The footprint box (_billboard_frame) is exact for rays parallel to the one through the centre; the rays of a
@@ -65,6 +67,12 @@ MAX_ALPHA = 0.999           # the rasteriser's cap on one Gaussian's alpha
 DISPLAY_SPACE_NODE = "stag4d display space"
 ROTVEC_ATTR, INV_SIGMA_ATTR = "stag4d_rotation", "stag4d_inv_sigma"  # per splat, for the material (_billboard_frame)
 CENTRE_ATTR = "stag4d_centre"  # the Gaussian's centre (object space) on the realized squares: render only
+FINAL_ATTR = "stag4d_final"    # 1 on the realized squares (final renders only): where the ray stop may act
+# The ray stop (ray_stop.py): the material's image node of the backend's stop_NNNN.png sequence, its on/off Value
+# node, and what a 16-bit PNG's 1.0 is in Blender units (exact_display.DEPTH_FULL: 65535 steps of 0.001; 1.0 itself
+# means "this pixel never stops").
+RAY_STOP_MAP_NODE, RAY_STOP_SWITCH_NODE = "stag4d ray stop map", "stag4d ray stop"
+RAY_STOP_FULL = 65535 * 0.001
 PIXEL_CENTRE_FILTER = 0.01  # Cycles' smallest pixel filter width: samples at the pixel centre, as the rasteriser
 # The backend's rasteriser (gsplat "classic") adds 0.3 px^2 to every projected covariance: thin Gaussians show at
 # least about half a pixel wide. Adding the same variance isotropically in 3D, sigma_d = sqrt(0.3) x (the angle of
@@ -200,6 +208,7 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     # Below 1/255 the backend drops the Gaussian's contribution; doing the same keeps the silhouettes equal.
     keep = _math(nodes, "GREATER_THAN", 150, -150, alpha, DEFAULT_MIN_OPACITY, links=links)
     alpha = _math(nodes, "MULTIPLY", 300, 0, alpha, keep, links=links)
+    alpha = _math(nodes, "MAXIMUM", 450, 0, alpha, _ray_stop(nodes, links, geom), links=links)
 
     emit = nodes.new("ShaderNodeEmission")
     emit.location = (300, 300)
@@ -218,6 +227,47 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     _transparent_settings(mat)
     mat["stag4d_version"] = VERSION
     return mat
+
+
+def _ray_stop(nodes, links, geom):
+    """1 where a camera ray is past its pixel's stop depth (the square then ends the ray: nothing the backend draws
+    lies behind it; ray_stop.py), else 0. The stop depth is the RAY_STOP_MAP_NODE image at the shaded point's
+    window position. Only on the squares realized for final renders (FINAL_ATTR): the viewport's window is not
+    the scene camera's. The switch RAY_STOP_SWITCH_NODE (0 until a map is set) comes last, so Cycles folds the
+    whole test away while it is off."""
+    coords = nodes.new("ShaderNodeTexCoord")
+    coords.location = (-600, -900)
+    stop_map = nodes.new("ShaderNodeTexImage")
+    stop_map.name = stop_map.label = RAY_STOP_MAP_NODE
+    stop_map.interpolation, stop_map.extension = "Closest", "EXTEND"
+    stop_map.location = (-400, -900)
+    links.new(coords.outputs["Window"], stop_map.inputs["Vector"])
+    raw = nodes.new("ShaderNodeSeparateColor")
+    raw.location = (-150, -900)
+    links.new(stop_map.outputs["Color"], raw.inputs[0])
+    stop = _math(nodes, "MULTIPLY", 0, -900, raw.outputs[0], RAY_STOP_FULL, links=links)
+    hit = nodes.new("ShaderNodeVectorTransform")  # Cycles' camera space: z is the depth along the view axis
+    hit.vector_type, hit.convert_from, hit.convert_to = "POINT", "WORLD", "CAMERA"
+    hit.location = (-400, -1100)
+    links.new(geom.outputs["Position"], hit.inputs["Vector"])
+    xyz = nodes.new("ShaderNodeSeparateXYZ")
+    xyz.location = (-200, -1100)
+    links.new(hit.outputs["Vector"], xyz.inputs[0])
+    past = _math(nodes, "GREATER_THAN", 150, -1000, xyz.outputs["Z"], stop, links=links)
+    stops = _math(nodes, "LESS_THAN", 150, -850, raw.outputs[0], 0.99999, links=links)
+    camera_ray = nodes.new("ShaderNodeLightPath")  # reflections and shadows see the splats from elsewhere
+    camera_ray.location = (0, -1250)
+    end = _math(nodes, "MULTIPLY", 300, -1000, past, stops, links=links)
+    end = _math(nodes, "MULTIPLY", 300, -1150, end, camera_ray.outputs["Is Camera Ray"], links=links)
+    final = nodes.new("ShaderNodeAttribute")
+    final.attribute_type, final.attribute_name = "GEOMETRY", FINAL_ATTR
+    final.location = (150, -1300)
+    end = _math(nodes, "MULTIPLY", 450, -1000, end, final.outputs["Fac"], links=links)
+    switch = nodes.new("ShaderNodeValue")
+    switch.name = switch.label = RAY_STOP_SWITCH_NODE
+    switch.outputs[0].default_value = 0.0
+    switch.location = (300, -1300)
+    return _math(nodes, "MULTIPLY", 450, -1150, end, switch.outputs[0], links=links)
 
 
 def _srgb_encode(nodes, links, value, x, y):
@@ -428,9 +478,15 @@ def _realized_for_render(nodes, links, gin, instances, camera):
     centre.inputs["Name"].default_value = CENTRE_ATTR
     links.new(aligned.outputs[0], centre.inputs["Geometry"])
     links.new(nodes.new("GeometryNodeInputPosition").outputs[0], centre.inputs["Value"])
+    final = nodes.new("GeometryNodeStoreNamedAttribute")
+    final.data_type, final.domain = "FLOAT", "INSTANCE"
+    final.location = (450, 300)
+    final.inputs["Name"].default_value = FINAL_ATTR
+    final.inputs["Value"].default_value = 1.0
+    links.new(centre.outputs["Geometry"], final.inputs["Geometry"])
     realize = nodes.new("GeometryNodeRealizeInstances")
     realize.location = (600, 450)
-    links.new(centre.outputs["Geometry"], realize.inputs[0])
+    links.new(final.outputs["Geometry"], realize.inputs[0])
     # Two instances of the mesh at the object's origin, turned by the camera's rotation: the squares back where
     # they were. Cycles bakes an object's transform into a mesh only one object uses (its BVH would be in the
     # world's axes again); the second instance, a millionth of the size, keeps the mesh shared.

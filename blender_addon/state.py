@@ -170,6 +170,8 @@ def _apply(update: dict) -> None:
         item.message = update.get("message", "")
     elif kind == "exact":
         _apply_exact(scene, item, update)
+    elif kind == "ray_stop":
+        _apply_ray_stop(scene, item, update)
 
 
 def _apply_exact(scene, item, update: dict) -> None:
@@ -185,6 +187,28 @@ def _apply_exact(scene, item, update: dict) -> None:
         item.message = f"Exact display: {update['total']} frames by the backend's rasteriser, in the compositor"
     else:
         item.message = f"Exact display: the backend renders frame {update['done']} / {update['total']}"
+
+
+def _apply_ray_stop(scene, item, update: dict) -> None:
+    """Progress of the ray stop's backend maps; when they are done, the splat material uses them."""
+    from . import ray_stop
+
+    if update.get("error"):
+        item.error = update["error"]
+        return
+    if update.get("folder"):
+        first, count = int(update.get("first", scene.frame_start)), int(update["total"])
+        camera = scene.camera.name if scene.camera is not None else ""
+        try:
+            ray_stop.enable(scene, Path(update["folder"]), first, count, camera, item.gaussians.name)
+        except (RuntimeError, OSError) as exc:
+            item.error = f"Ray stop: {exc}"
+            return
+        off = scene.get(ray_stop.OFF_REASON_KEY, "")
+        item.message = (f"Ray stop: {update['total']} frames of stop maps; Cycles ends camera rays at them"
+                        if not off else f"Ray stop made, but off now: {off}")
+    else:
+        item.message = f"Ray stop: the backend maps frame {update['done']} / {update['total']}"
 
 
 def _apply_job(item, job: dict) -> None:

@@ -64,6 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--turntable", metavar="MP4", help="also write a turntable video to this path")
     r.add_argument("--views", metavar="VIEWS.json", help="Blender cameras (4x4 in the splat object's space + K, "
                    "width, height, frame): writes rgba_NNNN.png + 16-bit depth_NNNN.png (the add-on's exact path)")
+    r.add_argument("--stop-depth", action="store_true", help="with --views: also stop_NNNN.png, the 16-bit depth "
+                   "past which nothing shows (the add-on's Cycles ray stop)")
 
     b = sub.add_parser("bake", help="bake per-frame Gaussians to USD / PLY / glTF / SPZ / mesh / preview "
                        "(OUT_DIR/bake)")
@@ -211,7 +213,8 @@ def _render(args) -> int:
             from .export.camera_views import render_views
 
             written = render_views(args.out_dir, args.views, args.output,
-                                   on_view=lambda i, p: print(f"view {i} {p}", flush=True))
+                                   on_view=lambda i, p: print(f"view {i} {p}", flush=True),
+                                   stop_depth=args.stop_depth)
             print(f"wrote {len(written)} views to {args.output}")
         if args.cameras:
             written = render_cameras(args.out_dir, args.cameras, args.output)

@@ -303,7 +303,7 @@ def test_splat_node_group_is_rebuilt_once_and_survives_save(scene, job_dir, tmp_
     attrs = {(n.attribute_type, n.attribute_name) for n in mat.node_tree.nodes if n.type == "ATTRIBUTE"}
     per_splat = ("displayColor", "opacity", splat_nodes.ROTVEC_ATTR, splat_nodes.INV_SIGMA_ATTR)
     assert attrs == ({(kind, name) for kind in ("INSTANCER", "GEOMETRY") for name in per_splat}
-                     | {("GEOMETRY", splat_nodes.CENTRE_ATTR)})
+                     | {("GEOMETRY", splat_nodes.CENTRE_ATTR), ("GEOMETRY", splat_nodes.FINAL_ATTR)})
 
 
 # ---- renders -------------------------------------------------------------------------------------------------

@@ -331,3 +331,86 @@ def test_cycles_display_blends_colours_over_one_like_the_rasteriser(addon, tmp_p
                              azimuth=orbit.azimuth)
     print(f"colours over 1: PSNR {res['psnr_white']:.2f} dB, |rgb| {res['rgb_diff']:.1f}, IoU {res['iou']:.3f}")
     assert res["psnr_white"] >= 34.0 and res["rgb_diff"] <= 6.0
+
+
+@pytest.fixture(scope="module")
+def opaque_job(tmp_path_factory) -> Path:
+    """The example creature's surface, 2500 Gaussians at opacity 0.9, still over 2 frames: most pixels saturate
+    within a few layers, with many more squares behind them (what the ray stop skips)."""
+    import torch
+
+    from stag4d_backend.example_scene import ExampleCreature
+
+    c = ExampleCreature(2500, seed=4).at(0.0)
+    colors = torch.rand(c.means.shape[0], 3, generator=torch.Generator().manual_seed(4))
+    return _baked_still_job(tmp_path_factory.mktemp("opaque") / "job", c.means, c.quats, c.scales, colors, 0.9,
+                            seed=4)
+
+
+def _make_ray_stop(item) -> None:
+    assert bpy.ops.stag4d.ray_stop(key=item.key) == {"FINISHED"}
+    for t in threading.enumerate():
+        if t.name.startswith("stag4d-ray-stop"):
+            t.join(120)
+    state.process_updates()
+    assert not item.error, item.error
+
+
+def _switch():
+    from blender_addon import splat_nodes
+
+    return bpy.data.materials[splat_nodes.SPLAT_MATERIAL].node_tree.nodes[splat_nodes.RAY_STOP_SWITCH_NODE]
+
+
+def test_ray_stop_keeps_the_image_and_turns_off_when_the_camera_moves(addon, opaque_job, tmp_path):
+    """``stag4d.ray_stop``: the backend's stop maps (a real subprocess) for the scene camera; Cycles with them
+    gives the image it gives without them (>= 45 dB between the two, and each >= 30 dB against the backend).
+    The maps are really read: maps of depth 0 (every ray ends at its first square) change the image. Moving the
+    camera turns the stop off (with the reason); moving it back turns it on."""
+    from PIL import Image
+
+    from blender import ensure_camera, fidelity, render_and_compare
+
+    from blender_addon import ray_stop
+
+    size, view = 48, dict(frame=1, elevation=15.0, azimuth=40.0)
+    _clean()
+    scene = bpy.context.scene
+    ensure_camera(scene, OrbitCamera(elevation=view["elevation"], azimuth=view["azimuth"], size=size))
+    scene.render.resolution_x = scene.render.resolution_y = size
+    assert bpy.ops.stag4d.import_job(directory=str(opaque_job)) == {"FINISHED"}
+    scene.cycles.filter_width = 0.01
+    item = scene.stag4d.jobs[0]
+    plain = render_and_compare(opaque_job, scene, size=size, samples=1, **view)
+    assert _switch().outputs[0].default_value == 0.0
+    _make_ray_stop(item)
+    rec = ray_stop.record(scene)
+    stops = np.array(Image.open(Path(rec["folder"]) / "stop_0001.png"))
+    covered = plain["backend"][..., 3] > 127
+    print(f"covered {covered.mean():.2f}, of which stop {(stops < 65535)[covered].mean():.2f}")
+    assert stops.dtype == np.uint16 and (stops < 65535)[covered].mean() > 0.3 and (stops == 65535).any()
+    assert _switch().outputs[0].default_value == 1.0 and not scene.get(ray_stop.OFF_REASON_KEY)
+    stopped = render_and_compare(opaque_job, scene, size=size, samples=1, **view)
+    between = fidelity(plain["blender"], stopped["blender"])
+    print(f"ray stop: {stopped['psnr_white']:.1f} dB vs backend (without: {plain['psnr_white']:.1f}), "
+          f"{between['psnr_white']:.1f} dB between")
+    assert between["psnr_white"] >= 45.0 and stopped["psnr_white"] >= 30.0 and plain["psnr_white"] >= 30.0
+
+    scene.camera.location.x += 0.05
+    bpy.context.view_layer.update()
+    assert _switch().outputs[0].default_value == 0.0
+    assert "moved" in scene.get(ray_stop.OFF_REASON_KEY, "")
+    scene.camera.location.x -= 0.05
+    bpy.context.view_layer.update()
+    assert _switch().outputs[0].default_value == 1.0
+
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    (zero / "views.json").write_text((Path(rec["folder"]) / "views.json").read_text())
+    for f in (0, 1):
+        Image.fromarray(np.zeros_like(stops)).save(zero / f"stop_{f:04d}.png")
+    ray_stop.enable(scene, zero, 0, 2, scene.camera.name, item.gaussians.name)
+    first_hit = render_and_compare(opaque_job, scene, size=size, samples=1, **view)
+    assert fidelity(plain["blender"], first_hit["blender"])["psnr_white"] < 35.0
+    ray_stop.disable(scene)
+    assert _switch().outputs[0].default_value == 0.0 and ray_stop.record(scene) is None

@@ -8,7 +8,11 @@ from the lens, sensor fit, shift and resolution). This writes per view
 * ``rgba_{index:04d}.png``: straight (un-premultiplied) sRGB RGBA, 8 bit: the rasteriser's colour / alpha,
   exactly what `stag4d render` writes for an orbit camera;
 * ``depth_{index:04d}.png``: 16-bit grey, the rasteriser's expected camera depth (along the view axis, as
-  Blender's Z pass) in units of ``DEPTH_UNIT`` Blender units; 65535 where nothing is drawn.
+  Blender's Z pass) in units of ``DEPTH_UNIT`` Blender units; 65535 where nothing is drawn;
+* with ``--stop-depth``, ``stop_{index:04d}.png``: 16-bit grey, the camera depth past which nothing shows (the
+  rasteriser's compositing stops there; render/ray_stop.py), widened over each pixel's 3x3 neighbourhood and
+  rounded up to ``DEPTH_UNIT``; 65535 where the pixel never stops. The add-on's Cycles display ends camera rays
+  past it (docs/blender_addon.md, "Ray stop").
 
 VIEWS.json: ``[{"index": 0, "frame": 0.0, "camera_in_object": [[4x4]], "K": [[3x3]], "width": W,
 "height": H}, ...]``; ``frame`` is the fit's frame value (bake.json's ``frame_values``).
@@ -26,7 +30,9 @@ from PIL import Image
 from ..atomic import atomic_path
 from ..fitted import load_fitted
 from ..render.cameras import to_torch, viewmat_from_blender_local
+from ..render.projection import project_gaussians
 from ..render.rasterize import rasterize
+from ..render.ray_stop import dilate_max, stop_depths
 from .turntable import CamerasError, read_entry_list, straight_rgba, to_uint8
 
 DEPTH_UNIT = 0.001       # Blender units per step of the 16-bit depth image (65.5 units of range)
@@ -87,13 +93,36 @@ def render_view_rgba_depth(animated, view: dict) -> tuple[np.ndarray, np.ndarray
     return rgba, depth
 
 
+@torch.no_grad()
+def render_view_stop_depth(animated, view: dict) -> np.ndarray:
+    """[H, W] camera depth (Blender units) past which the rasteriser draws nothing at or next to each pixel; inf
+    where it never stops."""
+    viewmat = view["viewmat"]
+    g = animated.at_frame(view["frame"], to_torch(np.linalg.inv(viewmat)[:3, 3]))
+    p = project_gaussians(g.means, g.quats, g.scales, g.opacities.reshape(-1), to_torch(viewmat),
+                          to_torch(view["K"]), view["width"], view["height"])
+    drawn = (p.radii > 0).all(-1) if p.radii.dim() == 2 else p.radii > 0
+    stop = stop_depths(p.means2d.numpy(), p.conics.numpy(), g.opacities.reshape(-1).numpy(), p.depths.numpy(),
+                       p.cov2d.numpy(), drawn.numpy(), view["width"], view["height"])
+    return dilate_max(stop) * view["depth_scale"]
+
+
+def depth_steps(depth: np.ndarray, round_up: bool = False) -> np.ndarray:
+    """Blender-unit depths as the 16-bit images' steps of DEPTH_UNIT (inf -> DEPTH_EMPTY)."""
+    scaled = depth / DEPTH_UNIT
+    steps = np.where(np.isfinite(depth), np.ceil(scaled) if round_up else np.round(scaled), DEPTH_EMPTY)
+    return np.clip(steps, 0, DEPTH_EMPTY).astype(np.uint16)
+
+
 def _save(img: Image.Image, path: Path) -> None:
     with atomic_path(path) as tmp:
         img.save(tmp)
 
 
-def render_views(out_dir: str | Path, views_json: str | Path, images_dir: str | Path, on_view=None) -> list[Path]:
-    """Render every view of VIEWS.json; ``on_view(index, rgba_path)`` after each (progress)."""
+def render_views(out_dir: str | Path, views_json: str | Path, images_dir: str | Path, on_view=None,
+                 stop_depth: bool = False) -> list[Path]:
+    """Render every view of VIEWS.json; ``on_view(index, rgba_path)`` after each (progress). ``stop_depth``:
+    also each view's stop_NNNN.png (the module docstring)."""
     views = read_views(views_json)
     animated, _ = load_fitted(out_dir)
     images_dir = Path(images_dir)
@@ -101,11 +130,12 @@ def render_views(out_dir: str | Path, views_json: str | Path, images_dir: str | 
     written = []
     for v in views:
         rgba, depth = render_view_rgba_depth(animated, v)
-        steps = np.where(np.isfinite(depth), np.round(depth / DEPTH_UNIT), DEPTH_EMPTY)
-        depth16 = np.clip(steps, 0, DEPTH_EMPTY).astype(np.uint16)
         rgba_path = images_dir / f"rgba_{v['index']:04d}.png"
         _save(Image.fromarray(to_uint8(rgba), "RGBA"), rgba_path)
-        _save(Image.fromarray(depth16), images_dir / f"depth_{v['index']:04d}.png")
+        _save(Image.fromarray(depth_steps(depth)), images_dir / f"depth_{v['index']:04d}.png")
+        if stop_depth:  # rounded up: a ray is never ended before the rasteriser's stop
+            stop = depth_steps(render_view_stop_depth(animated, v), round_up=True)
+            _save(Image.fromarray(stop), images_dir / f"stop_{v['index']:04d}.png")
         written.append(rgba_path)
         if on_view is not None:
             on_view(v["index"], rgba_path)
