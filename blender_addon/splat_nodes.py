@@ -208,7 +208,7 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     # Below 1/255 the backend drops the Gaussian's contribution; doing the same keeps the silhouettes equal.
     keep = _math(nodes, "GREATER_THAN", 150, -150, alpha, DEFAULT_MIN_OPACITY, links=links)
     alpha = _math(nodes, "MULTIPLY", 300, 0, alpha, keep, links=links)
-    alpha = _math(nodes, "MAXIMUM", 450, 0, alpha, _ray_stop(nodes, links, geom), links=links)
+    alpha = _math(nodes, "MAXIMUM", 450, 0, alpha, _ray_stop(nodes, links), links=links)
 
     emit = nodes.new("ShaderNodeEmission")
     emit.location = (300, 300)
@@ -229,7 +229,7 @@ def build_splat_material(name: str = SPLAT_MATERIAL) -> bpy.types.Material:
     return mat
 
 
-def _ray_stop(nodes, links, geom):
+def _ray_stop(nodes, links):
     """1 where a camera ray is past its pixel's stop depth (the square then ends the ray: nothing the backend draws
     lies behind it; ray_stop.py), else 0. The stop depth is the RAY_STOP_MAP_NODE image at the shaded point's
     window position. Only on the squares realized for final renders (FINAL_ATTR): the viewport's window is not
@@ -246,14 +246,9 @@ def _ray_stop(nodes, links, geom):
     raw.location = (-150, -900)
     links.new(stop_map.outputs["Color"], raw.inputs[0])
     stop = _math(nodes, "MULTIPLY", 0, -900, raw.outputs[0], RAY_STOP_FULL, links=links)
-    hit = nodes.new("ShaderNodeVectorTransform")  # Cycles' camera space: z is the depth along the view axis
-    hit.vector_type, hit.convert_from, hit.convert_to = "POINT", "WORLD", "CAMERA"
-    hit.location = (-400, -1100)
-    links.new(geom.outputs["Position"], hit.inputs["Vector"])
-    xyz = nodes.new("ShaderNodeSeparateXYZ")
-    xyz.location = (-200, -1100)
-    links.new(hit.outputs["Vector"], xyz.inputs[0])
-    past = _math(nodes, "GREATER_THAN", 150, -1000, xyz.outputs["Z"], stop, links=links)
+    hit = nodes.new("ShaderNodeCameraData")  # the shaded point's depth along the view axis (Blender units)
+    hit.location = (-200, -1100)
+    past = _math(nodes, "GREATER_THAN", 150, -1000, hit.outputs["View Z Depth"], stop, links=links)
     stops = _math(nodes, "LESS_THAN", 150, -850, raw.outputs[0], 0.99999, links=links)
     camera_ray = nodes.new("ShaderNodeLightPath")  # reflections and shadows see the splats from elsewhere
     camera_ray.location = (0, -1250)
