@@ -365,8 +365,9 @@ def _switch():
 def test_ray_stop_keeps_the_image_and_turns_off_when_the_camera_moves(addon, opaque_job, tmp_path):
     """``stag4d.ray_stop``: the backend's stop maps (a real subprocess) for the scene camera; Cycles with them
     gives the image it gives without them (>= 45 dB between the two, and each >= 30 dB against the backend).
-    The maps are really read: maps of depth 0 (every ray ends at its first square) change the image. Moving the
-    camera turns the stop off (with the reason); moving it back turns it on."""
+    The maps are really read, each frame its own: a map of depth 0 (every ray ends at its first square) changes
+    that frame's image only. Moving the camera turns the stop off (with the reason); moving it back turns it
+    on."""
     from PIL import Image
 
     from blender import ensure_camera, fidelity, render_and_compare
@@ -404,13 +405,17 @@ def test_ray_stop_keeps_the_image_and_turns_off_when_the_camera_moves(addon, opa
     bpy.context.view_layer.update()
     assert _switch().outputs[0].default_value == 1.0
 
-    zero = tmp_path / "zero"
-    zero.mkdir()
-    (zero / "views.json").write_text((Path(rec["folder"]) / "views.json").read_text())
-    for f in (0, 1):
-        Image.fromarray(np.zeros_like(stops)).save(zero / f"stop_{f:04d}.png")
-    ray_stop.enable(scene, zero, 0, 2, scene.camera.name, item.gaussians.name)
-    first_hit = render_and_compare(opaque_job, scene, size=size, samples=1, **view)
+    # Frame 0's map all zeros (every camera ray ends at its first square), frame 1's the real one: the material
+    # reads the map of the frame it renders (the job stands still: both frames' images are the same).
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "views.json").write_text((Path(rec["folder"]) / "views.json").read_text())
+    Image.fromarray(np.zeros_like(stops)).save(mixed / "stop_0000.png")
+    Image.fromarray(stops).save(mixed / "stop_0001.png")
+    ray_stop.enable(scene, mixed, 0, 2, scene.camera.name, item.gaussians.name)
+    first_hit = render_and_compare(opaque_job, scene, size=size, samples=1, **{**view, "frame": 0})
     assert fidelity(plain["blender"], first_hit["blender"])["psnr_white"] < 35.0
+    real = render_and_compare(opaque_job, scene, size=size, samples=1, **view)
+    assert fidelity(plain["blender"], real["blender"])["psnr_white"] >= 45.0
     ray_stop.disable(scene)
     assert _switch().outputs[0].default_value == 0.0 and ray_stop.record(scene) is None
