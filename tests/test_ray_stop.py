@@ -110,3 +110,35 @@ def test_dilate_max_takes_the_neighbourhood_maximum():
     assert np.isinf(out[1, 1])  # a neighbour never stops: neither does the pixel
     assert np.isinf(out[0]).all() and np.isinf(out[:, 0]).all()
     assert math.isinf(dilate_max(np.array([[1.0]]))[0, 0])  # the border's outside never stops
+
+
+def test_render_views_writes_stop_maps_behind_the_depth(tmp_path):
+    """``stag4d render --views --stop-depth``: stop_NNNN.png next to rgba/depth; wherever a pixel stops, its stop
+    depth lies at or behind the expected depth of what it shows (the depth is a mean over the Gaussians before
+    the stop); pixels that stop and pixels that do not both exist; without the flag no stop map is written."""
+    import json
+
+    from PIL import Image
+
+    from bake_fixtures import make_fit_dir
+    from stag4d_backend.export.camera_views import render_views
+    from stag4d_backend.render.cameras import OrbitCamera, blender_camera_matrix
+
+    fit = make_fit_dir(tmp_path / "fit", num_gaussians=3000, num_frames=2)
+    cam = OrbitCamera(elevation=10.0, azimuth=30.0, size=64)
+    obj = np.eye(4)
+    obj[:3, :3] = [[1, 0, 0], [0, 0, -1], [0, 1, 0]]  # the importer's +90 degrees about X
+    cam_in_obj = np.linalg.inv(obj) @ blender_camera_matrix(cam)
+    views = [{"index": f, "frame": f, "camera_in_object": cam_in_obj.tolist(), "K": cam.K.tolist(),
+              "width": cam.size, "height": cam.size} for f in range(2)]
+    (tmp_path / "views.json").write_text(json.dumps(views))
+    render_views(fit, tmp_path / "views.json", tmp_path / "with", stop_depth=True)
+    render_views(fit, tmp_path / "views.json", tmp_path / "without")
+    assert not list((tmp_path / "without").glob("stop_*.png"))
+    for f in range(2):
+        stop = np.array(Image.open(tmp_path / "with" / f"stop_{f:04d}.png")).astype(np.int64)
+        depth = np.array(Image.open(tmp_path / "with" / f"depth_{f:04d}.png")).astype(np.int64)
+        stops = stop < 65535
+        assert 0.02 < stops.mean() < 0.9
+        assert (stop[stops] >= depth[stops]).all()
+        assert np.median(stop[stops] - depth[stops]) < 300  # within 0.3 units: the creature's front surface
