@@ -580,6 +580,14 @@ def _cpu_model() -> str:
         return "unknown"
 
 
+def _print_ray_stop(r: dict) -> None:
+    for name in ("without", "with"):
+        print(f"Ray stop {name}: PSNR on white {r[name]['psnr_white']:.2f} dB, |rgb| {r[name]['rgb_diff']:.2f}, "
+              f"IoU {r[name]['iou']:.4f}, {r[name]['render_s']:.1f} s", flush=True)
+    print(f"Ray stop, with vs without: PSNR on white {r['between']['psnr_white']:.2f} dB, "
+          f"|rgb| {r['between']['rgb_diff']:.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gaussians", type=int, nargs="+", default=[50000])
@@ -603,7 +611,8 @@ def main() -> None:
     ap.add_argument("--view", type=float, nargs=2, default=(0.0, 0.0), metavar=("ELEVATION", "AZIMUTH"),
                     help="with --render: the orbit camera (default 0 0: the front, aligned with the world's axes)")
     ap.add_argument("--ray-stop-fidelity", action="store_true",
-                    help="with --render SIZE N: Cycles without / with the Ray Stop vs the backend (1 sample)")
+                    help="with --render SIZE N, or with --fit (--size, --view): Cycles without / with the Ray Stop "
+                         "vs the backend (1 sample, frame 0)")
     ap.add_argument("--ray-stop", action="store_true",
                     help="with --render: the panel's Ray Stop on (the backend's stop maps, made first and timed apart)")
     ap.add_argument("--plain-material", action="store_true",
@@ -617,7 +626,9 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="stag4d-blbench-"))
     if args.fit:
         print(f"CPU: {_cpu_model()}; load before: {os.getloadavg()[0]:.1f}")
-        if args.causes:
+        if args.ray_stop_fidelity:
+            _print_ray_stop(ray_stop_fidelity(args.fit, args.size, *args.view))
+        elif args.causes:
             for r in simulated_causes(args.fit, args.size):
                 print(f"backend alone | {r['cause']} | frame {r['frame']} | PSNR {r['psnr_white']:.2f} dB | "
                       f"|rgb| {r['rgb_diff']:.2f} | IoU {r['iou']:.3f}", flush=True)
@@ -642,12 +653,7 @@ def main() -> None:
         print(f"| {n:,} | {args.frames} | {size:.1f} | {r['import_s']:.3f} | {r['frame_ms']:.1f} / "
               f"{r['frame_p90_ms']:.1f} | {r['points_frame_ms']:.1f} | load {os.getloadavg()[0]:.1f}", flush=True)
         if args.render and args.ray_stop_fidelity:
-            r = ray_stop_fidelity(job, args.render[0], *args.view)
-            for name in ("without", "with"):
-                print(f"Ray stop {name}: PSNR on white {r[name]['psnr_white']:.2f} dB, |rgb| "
-                      f"{r[name]['rgb_diff']:.2f}, IoU {r[name]['iou']:.4f}, {r[name]['render_s']:.1f} s", flush=True)
-            print(f"Ray stop, with vs without: PSNR on white {r['between']['psnr_white']:.2f} dB, "
-                  f"|rgb| {r['between']['rgb_diff']:.3f}", flush=True)
+            _print_ray_stop(ray_stop_fidelity(job, args.render[0], *args.view))
         elif args.render:
             mode = "" if args.adaptive is None else f", adaptive sampling (min {args.adaptive})"
             sampling = "CONVERGING" if args.converging else "EXACT"

@@ -289,6 +289,7 @@ def _ray_stop_row(layout, scene, item) -> None:
     op = row.operator("stag4d.ray_stop", text="Ray Stop (Cycles, backend maps)" if not on else "Remake Ray Stop",
                       icon="RESTRICT_RENDER_OFF")
     op.key = item.key
+    row.prop(scene.stag4d, "ray_stop_transmittance", text="Stop At")
     if on:
         op = row.operator("stag4d.ray_stop", text="", icon="X")
         op.key, op.remove = item.key, True

@@ -95,6 +95,12 @@ class STAG4D_SceneSettings(bpy.types.PropertyGroup):
         name="Splat Sampling", items=SPLAT_SAMPLING, default="EXACT", update=_splat_sampling_update,
         description="How Cycles samples the splats' transparency (Render > Light Paths > Transparent: the minimum "
                     "bounces before Russian roulette)")
+    ray_stop_transmittance: FloatProperty(
+        name="Stop At", default=1.0 / 510.0, min=1e-4, max=0.05, precision=5,
+        description="Ray Stop: a pixel's ray ends once what still shows through is this fraction or less. "
+                    "0.00196 (half an 8-bit step, the default): every pixel within half an 8-bit step of the full "
+                    "composite. 0.0001: the backend rasteriser's own stop, exact in float too but slower. Takes "
+                    "effect when the maps are made")
     jobs: CollectionProperty(type=STAG4D_JobItem)
     active_job: IntProperty(name="Job", default=0, min=0)
     status: StringProperty(description="Backend status line (not tied to one job)")

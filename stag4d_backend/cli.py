@@ -66,6 +66,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    "width, height, frame): writes rgba_NNNN.png + 16-bit depth_NNNN.png (the add-on's exact path)")
     r.add_argument("--stop-depth", action="store_true", help="with --views: also stop_NNNN.png, the 16-bit depth "
                    "past which nothing shows (the add-on's Cycles ray stop)")
+    r.add_argument("--stop-transmittance", type=float, default=1e-4, metavar="T",
+                   help="with --stop-depth: a pixel counts as stopped once its transmittance is T or less (default "
+                   "1e-4, the rasteriser's own: exact; larger stops earlier, what lies behind adds at most T of "
+                   "its colour)")
 
     b = sub.add_parser("bake", help="bake per-frame Gaussians to USD / PLY / glTF / SPZ / mesh / preview "
                        "(OUT_DIR/bake)")
@@ -208,13 +212,17 @@ def _render(args) -> int:
         print("stag4d render: give --cameras CAMERAS.json, --views VIEWS.json and/or --turntable OUT.mp4",
               file=sys.stderr)
         return EXIT_USAGE
+    if not 1e-4 <= args.stop_transmittance < 1.0:
+        print(f"stag4d render: --stop-transmittance must be in [1e-4, 1) (got {args.stop_transmittance:g})",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         if args.views:
             from .export.camera_views import render_views
 
             written = render_views(args.out_dir, args.views, args.output,
                                    on_view=lambda i, p: print(f"view {i} {p}", flush=True),
-                                   stop_depth=args.stop_depth)
+                                   stop_depth=args.stop_depth, stop_transmittance=args.stop_transmittance)
             print(f"wrote {len(written)} views to {args.output}")
         if args.cameras:
             written = render_cameras(args.out_dir, args.cameras, args.output)

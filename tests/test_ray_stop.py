@@ -31,7 +31,7 @@ def dense_scene(seed: int, n: int = 400):
     return means, quats, scales, opacities, colors
 
 
-def brute_force_stop(p, opacities, width, height) -> np.ndarray:
+def brute_force_stop(p, opacities, width, height, t_stop: float = T_THRESHOLD) -> np.ndarray:
     """Every drawn Gaussian at every pixel centre, in depth order (render/reference.py's loop)."""
     ys, xs = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
     T = np.ones((height, width))
@@ -47,7 +47,7 @@ def brute_force_stop(p, opacities, width, height) -> np.ndarray:
         alpha = np.minimum(float(opacities[g]) * np.exp(-sigma), MAX_ALPHA)
         live = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD) & ~done
         nxt = T * (1 - alpha)
-        ends = live & (nxt <= T_THRESHOLD)
+        ends = live & (nxt <= t_stop)
         T = np.where(live & ~ends, nxt, T)
         stop = np.where(ends, float(p.depths[g]), stop)
         done |= ends
@@ -60,18 +60,18 @@ def _project(params, w, h):
     return V, K, project_gaussians(means, quats, scales, opacities, V, K, w, h)
 
 
-def _stop(p, opacities, w, h):
+def _stop(p, opacities, w, h, t_stop=T_THRESHOLD):
     return stop_depths(p.means2d.numpy(), p.conics.numpy(), opacities.numpy(), p.depths.numpy(), p.cov2d.numpy(),
-                       (p.radii > 0).all(-1).numpy(), w, h)
+                       (p.radii > 0).all(-1).numpy(), w, h, t_stop=t_stop)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_stop_depths_equal_the_dense_reference(seed):
+@pytest.mark.parametrize("seed,t_stop", [(0, T_THRESHOLD), (1, T_THRESHOLD), (2, T_THRESHOLD), (0, 0.01)])
+def test_stop_depths_equal_the_dense_reference(seed, t_stop):
     w, h = 56, 44
     params = dense_scene(seed)
     _, _, p = _project(params, w, h)
-    stop = _stop(p, params[3], w, h)
-    ref = brute_force_stop(p, params[3], w, h)
+    stop = _stop(p, params[3], w, h, t_stop)
+    ref = brute_force_stop(p, params[3], w, h, t_stop)
     assert np.isfinite(ref).mean() > 0.15 and not np.isfinite(ref).all()  # pixels that stop and pixels that don't
     np.testing.assert_array_equal(stop, ref)
 
@@ -79,7 +79,8 @@ def test_stop_depths_equal_the_dense_reference(seed):
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_nothing_behind_the_stop_shows(backend):
     """The real rasteriser: Gaussians deeper than a cut are dropped; every pixel whose stop depth is at or before
-    the cut keeps its colour, alpha and depth; pixels that stop later (or never) do change."""
+    the cut keeps its colour, alpha and depth; pixels that stop later (or never) do change. With a stop
+    transmittance of 0.01 the kept pixels change by at most 0.01 (what lay behind, at most that much of it)."""
     if backend == "cpp":
         from stag4d_backend.render.rasterize import cpp_compositor_available
 
@@ -99,6 +100,17 @@ def test_nothing_behind_the_stop_shows(backend):
     for a, b in ((full.rgb, front.rgb), (full.alpha, front.alpha), (full.depth, front.depth)):
         torch.testing.assert_close(a[same], b[same], rtol=1e-5, atol=1e-5)
     assert float((full.rgb - front.rgb).abs().amax(-1)[~same].max()) > 0.05
+    early = torch.from_numpy(_stop(p, params[3], w, h, 0.01) <= cut)
+    assert float(early.float().mean()) > float(same.float().mean())  # more pixels stop before the cut
+    assert float((full.rgb - front.rgb).abs()[early].max()) <= 0.01 + 1e-5
+    assert float((full.alpha - front.alpha).abs()[early].max()) <= 0.01 + 1e-5
+
+
+def test_stop_depths_refuse_a_transmittance_outside_the_range():
+    args = (np.zeros((1, 2)), np.ones((1, 3)), np.ones(1), np.ones(1), np.ones((1, 3)), np.ones(1, bool), 4, 4)
+    for bad in (0.0, 1e-5, 1.0):
+        with pytest.raises(ValueError, match="t_stop"):
+            stop_depths(*args, t_stop=bad)
 
 
 def test_dilate_max_takes_the_neighbourhood_maximum():

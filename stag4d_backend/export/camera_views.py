@@ -33,6 +33,7 @@ from ..render.cameras import to_torch, viewmat_from_blender_local
 from ..render.projection import project_gaussians
 from ..render.rasterize import rasterize
 from ..render.ray_stop import dilate_max, stop_depths
+from ..render.reference import T_THRESHOLD
 from .turntable import CamerasError, read_entry_list, straight_rgba, to_uint8
 
 DEPTH_UNIT = 0.001       # Blender units per step of the 16-bit depth image (65.5 units of range)
@@ -94,16 +95,16 @@ def render_view_rgba_depth(animated, view: dict) -> tuple[np.ndarray, np.ndarray
 
 
 @torch.no_grad()
-def render_view_stop_depth(animated, view: dict) -> np.ndarray:
-    """[H, W] camera depth (Blender units) past which the rasteriser draws nothing at or next to each pixel; inf
-    where it never stops."""
+def render_view_stop_depth(animated, view: dict, t_stop: float = T_THRESHOLD) -> np.ndarray:
+    """[H, W] camera depth (Blender units) past which the rasteriser draws nothing at or next to each pixel (with
+    ``t_stop`` above 1e-4: at most ``t_stop`` of the colour behind); inf where it never stops."""
     viewmat = view["viewmat"]
     g = animated.at_frame(view["frame"], to_torch(np.linalg.inv(viewmat)[:3, 3]))
     p = project_gaussians(g.means, g.quats, g.scales, g.opacities.reshape(-1), to_torch(viewmat),
                           to_torch(view["K"]), view["width"], view["height"])
     drawn = (p.radii > 0).all(-1) if p.radii.dim() == 2 else p.radii > 0
     stop = stop_depths(p.means2d.numpy(), p.conics.numpy(), g.opacities.reshape(-1).numpy(), p.depths.numpy(),
-                       p.cov2d.numpy(), drawn.numpy(), view["width"], view["height"])
+                       p.cov2d.numpy(), drawn.numpy(), view["width"], view["height"], t_stop=t_stop)
     return dilate_max(stop) * view["depth_scale"]
 
 
@@ -120,9 +121,9 @@ def _save(img: Image.Image, path: Path) -> None:
 
 
 def render_views(out_dir: str | Path, views_json: str | Path, images_dir: str | Path, on_view=None,
-                 stop_depth: bool = False) -> list[Path]:
+                 stop_depth: bool = False, stop_transmittance: float = T_THRESHOLD) -> list[Path]:
     """Render every view of VIEWS.json; ``on_view(index, rgba_path)`` after each (progress). ``stop_depth``:
-    also each view's stop_NNNN.png (the module docstring)."""
+    also each view's stop_NNNN.png (the module docstring), a pixel counting as stopped at ``stop_transmittance``."""
     views = read_views(views_json)
     animated, _ = load_fitted(out_dir)
     images_dir = Path(images_dir)
@@ -134,7 +135,7 @@ def render_views(out_dir: str | Path, views_json: str | Path, images_dir: str | 
         _save(Image.fromarray(to_uint8(rgba), "RGBA"), rgba_path)
         _save(Image.fromarray(depth_steps(depth)), images_dir / f"depth_{v['index']:04d}.png")
         if stop_depth:  # rounded up: a ray is never ended before the rasteriser's stop
-            stop = depth_steps(render_view_stop_depth(animated, v), round_up=True)
+            stop = depth_steps(render_view_stop_depth(animated, v, stop_transmittance), round_up=True)
             _save(Image.fromarray(stop), images_dir / f"stop_{v['index']:04d}.png")
         written.append(rgba_path)
         if on_view is not None:

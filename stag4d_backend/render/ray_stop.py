@@ -22,11 +22,17 @@ import numpy as np
 from .reference import ALPHA_THRESHOLD, MAX_ALPHA, T_THRESHOLD
 
 
-def stop_depths(means2d, conics, opacities, depths, cov2d, drawn, width: int, height: int) -> np.ndarray:
+def stop_depths(means2d, conics, opacities, depths, cov2d, drawn, width: int, height: int,
+                t_stop: float = T_THRESHOLD) -> np.ndarray:
     """[H, W] camera depth of the Gaussian at which each pixel's compositing stops; inf where it never does.
 
     Inputs as ``project_gaussians`` returns them (means2d [N, 2] px, conics [N, 3] (a, b, c), depths [N],
-    cov2d [N, 3] (xx, xy, yy) with the blur added), opacities [N], ``drawn`` [N] bool (radii > 0)."""
+    cov2d [N, 3] (xx, xy, yy) with the blur added), opacities [N], ``drawn`` [N] bool (radii > 0).
+    ``t_stop``: the transmittance at which a pixel counts as stopped; the rasteriser's own (1e-4) by default,
+    where what lies behind is exactly what the rasteriser leaves out. A larger one stops earlier; everything
+    behind then adds at most ``t_stop`` of its colour to the pixel."""
+    if not T_THRESHOLD <= t_stop < 1.0:
+        raise ValueError(f"stop_depths: t_stop must be in [{T_THRESHOLD:g}, 1) (got {t_stop})")
     means2d, conics, cov2d = (np.asarray(a, np.float64) for a in (means2d, conics, cov2d))
     opacities = np.asarray(opacities, np.float64).reshape(-1)
     depths = np.asarray(depths, np.float64).reshape(-1)
@@ -52,7 +58,7 @@ def stop_depths(means2d, conics, opacities, depths, cov2d, drawn, width: int, he
         alpha = np.minimum(opacities[g] * np.exp(-sigma), MAX_ALPHA)
         live = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD) & ~done[box]
         nxt = T[box] * (1.0 - alpha)
-        ends = live & (nxt <= T_THRESHOLD)
+        ends = live & (nxt <= t_stop)
         T[box] = np.where(live & ~ends, nxt, T[box])
         stop[box] = np.where(ends, depths[g], stop[box])
         done[box] |= ends
