@@ -5,7 +5,8 @@ surface that already hides everything (the rasteriser stops a pixel once its tra
 On the 50k creature set a ray crosses ~540 squares where ~90 count (docs/benchmarks.md, issue 19). With the stop
 map (``stag4d render --views --stop-depth``: per frame of the scene camera, the camera depth past which nothing
 shows at or next to each pixel) the splat material makes a square past its pixel's stop depth opaque, and the ray
-ends there: the same image (what lies behind adds at most 1e-4 of its colour), ~4x fewer crossings.
+ends there: the same image (what lies behind adds at most the panel's "Stop At" fraction of its colour, by default
+half an 8-bit step), ~4x fewer crossings.
 
 1. ``STAG4D_OT_ray_stop`` (operators.py) sends the scene camera for every frame to the backend (the exact
    display's views and thread, exact_display.py) with ``--stop-depth``;
