@@ -262,9 +262,10 @@ def time_render(job_dir: Path, size: int, samples: int, adaptive_min: int | None
     return time.perf_counter() - t0
 
 
-def ray_stop_fidelity(job_dir: Path, size: int, elevation: float, azimuth: float) -> dict:
-    """Cycles (Exact per Sample, 1 sample, pixel-centre filter) of frame 0 without and with the Ray Stop: each
-    against the backend, and the two against each other, with their render times."""
+def ray_stop_fidelity(job_dir: Path, size: int, elevation: float, azimuth: float, samples: int = 1,
+                      filter_width: float = 0.01) -> dict:
+    """Cycles (Exact per Sample; by default 1 sample with the pixel-centre filter) of frame 0 without and with the
+    Ray Stop: each against the backend, and the two against each other, with their render times."""
     bpy = _bpy()
     from stag4d_backend.render.cameras import OrbitCamera
 
@@ -274,12 +275,12 @@ def ray_stop_fidelity(job_dir: Path, size: int, elevation: float, azimuth: float
     ensure_camera(scene, orbit)
     scene.render.resolution_x = scene.render.resolution_y = size
     assert bpy.ops.stag4d.import_job(directory=str(job_dir)) == {"FINISHED"}
-    scene.cycles.filter_width = 0.01
+    scene.cycles.filter_width = filter_width
     out = {}
     for name in ("without", "with"):
         if name == "with":
             make_ray_stop(bpy, scene)
-        out[name] = render_and_compare(job_dir, scene, frame=0, size=size, samples=1, elevation=elevation,
+        out[name] = render_and_compare(job_dir, scene, frame=0, size=size, samples=samples, elevation=elevation,
                                        azimuth=azimuth)
     out["between"] = fidelity(out["without"]["blender"], out["with"]["blender"])
     return out
@@ -611,8 +612,10 @@ def main() -> None:
     ap.add_argument("--view", type=float, nargs=2, default=(0.0, 0.0), metavar=("ELEVATION", "AZIMUTH"),
                     help="with --render: the orbit camera (default 0 0: the front, aligned with the world's axes)")
     ap.add_argument("--ray-stop-fidelity", action="store_true",
-                    help="with --render SIZE N, or with --fit (--size, --view): Cycles without / with the Ray Stop "
-                         "vs the backend (1 sample, frame 0)")
+                    help="with --render SIZE SAMPLES, or with --fit (--size, --view; 1 sample): Cycles without / "
+                         "with the Ray Stop vs the backend (frame 0)")
+    ap.add_argument("--filter-width", type=float, default=0.01,
+                    help="with --ray-stop-fidelity: Cycles' pixel filter width (default 0.01: the pixel centre)")
     ap.add_argument("--ray-stop", action="store_true",
                     help="with --render: the panel's Ray Stop on (the backend's stop maps, made first and timed apart)")
     ap.add_argument("--plain-material", action="store_true",
@@ -627,7 +630,7 @@ def main() -> None:
     if args.fit:
         print(f"CPU: {_cpu_model()}; load before: {os.getloadavg()[0]:.1f}")
         if args.ray_stop_fidelity:
-            _print_ray_stop(ray_stop_fidelity(args.fit, args.size, *args.view))
+            _print_ray_stop(ray_stop_fidelity(args.fit, args.size, *args.view, filter_width=args.filter_width))
         elif args.causes:
             for r in simulated_causes(args.fit, args.size):
                 print(f"backend alone | {r['cause']} | frame {r['frame']} | PSNR {r['psnr_white']:.2f} dB | "
@@ -653,7 +656,8 @@ def main() -> None:
         print(f"| {n:,} | {args.frames} | {size:.1f} | {r['import_s']:.3f} | {r['frame_ms']:.1f} / "
               f"{r['frame_p90_ms']:.1f} | {r['points_frame_ms']:.1f} | load {os.getloadavg()[0]:.1f}", flush=True)
         if args.render and args.ray_stop_fidelity:
-            _print_ray_stop(ray_stop_fidelity(job, args.render[0], *args.view))
+            _print_ray_stop(ray_stop_fidelity(job, args.render[0], *args.view, samples=args.render[1],
+                                              filter_width=args.filter_width))
         elif args.render:
             mode = "" if args.adaptive is None else f", adaptive sampling (min {args.adaptive})"
             sampling = "CONVERGING" if args.converging else "EXACT"
