@@ -109,6 +109,18 @@ def run(args, res: dict, arrays: dict) -> None:
     bpy.ops.render.render(write_still=True)
     res["timings"]["render"] = time.perf_counter() - t
 
+    # The Cycles ray stop on this release: the backend's stop maps (made by the test with --stop-depth) in the
+    # splat material, the check that keeps it on for this camera, the same render.
+    if args.exact:
+        ray_stop = import_module(MODULE + ".ray_stop")
+        first, count = scene.frame_start, scene.frame_end - scene.frame_start + 1
+        ray_stop.enable(scene, Path(args.exact), first, count, scene.camera.name, obj.name)
+        res["ray_stop"] = {"switch": ray_stop._nodes()[1].outputs[0].default_value,
+                           "off": scene.get(ray_stop.OFF_REASON_KEY, "")}
+        scene.render.filepath = str(Path(args.out) / "render_ray_stop.png")
+        bpy.ops.render.render(write_still=True)
+        ray_stop.disable(scene)
+
     # The exact display's compositor on this release: the backend's RGBA + depth images (made by the test)
     # composited over the scene by depth, the splat object hidden from the render.
     if args.exact:

@@ -103,7 +103,7 @@ def exact_dir(job_dir, tmp_path_factory) -> Path:
               "width": CAMERA.size, "height": CAMERA.size} for f in range(4)]
     folder = tmp_path_factory.mktemp("exact")
     (folder / "views.json").write_text(json.dumps(views))
-    render_views(job_dir / "model", folder / "views.json", folder)
+    render_views(job_dir / "model", folder / "views.json", folder, stop_depth=True)
     return folder
 
 
@@ -245,6 +245,15 @@ def test_addon_on_blender_release(series, wheel, addon_zip, job_dir, camera_file
     rgb_diff = np.abs(img[..., :3].astype(int) - backend_view[..., :3].astype(int))[both].mean()
     print(f"Blender {series}: render IoU {iou:.3f} against the backend, mean |rgb| {rgb_diff:.1f} / 255")
     assert iou >= 0.85 and rgb_diff < 30
+
+    # The ray stop: on for this camera, and Cycles gives the same image with it.
+    assert res["ray_stop"] == {"switch": 1.0, "off": ""}, res["ray_stop"]
+    stopped = np.asarray(Image.open(out / "render_ray_stop.png").convert("RGBA")).astype(np.float64)
+    plain = img.astype(np.float64)
+    on_white = [x[..., :3] * x[..., 3:] / 255.0 + 255.0 * (1 - x[..., 3:] / 255.0) for x in (stopped, plain)]
+    mse = np.mean((on_white[0] - on_white[1]) ** 2)
+    print(f"Blender {series}: ray stop vs without, mean squared difference {mse:.4f}")
+    assert mse <= 255.0 ** 2 * 10 ** (-4.5)  # >= 45 dB on white
 
     # The exact display's compositor (Alpha Over by depth) gives the backend's image back (8-bit rounding).
     exact = np.asarray(Image.open(out / "render_exact.png").convert("RGBA")).astype(np.float64)
