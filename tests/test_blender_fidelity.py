@@ -404,6 +404,21 @@ def test_ray_stop_keeps_the_image_and_turns_off_when_the_camera_moves(addon, opa
     scene.camera.location.x -= 0.05
     bpy.context.view_layer.update()
     assert _switch().outputs[0].default_value == 1.0
+    # Each other reason the maps no longer fit the render turns it off, and undoing it turns it back on.
+    changes = [("depth of field", lambda on: setattr(scene.camera.data.dof, "use_dof", on)),
+               ("pixel filter", lambda on: setattr(scene.cycles, "filter_width", 3.0 if on else 0.01)),
+               ("outside the frames", lambda on: setattr(scene, "frame_end", 5 if on else 1)),
+               ("resolution", lambda on: setattr(scene.render, "resolution_x", size + 2 if on else size)),
+               ("camera", lambda on: setattr(scene.camera.data, "lens", 60.0 if on else lens))]
+    lens = scene.camera.data.lens
+    for words, change in changes:
+        change(True)
+        ray_stop.refresh(scene)
+        assert _switch().outputs[0].default_value == 0.0, words
+        assert words in scene.get(ray_stop.OFF_REASON_KEY, ""), (words, scene.get(ray_stop.OFF_REASON_KEY))
+        change(False)
+        ray_stop.refresh(scene)
+        assert _switch().outputs[0].default_value == 1.0, (words, scene.get(ray_stop.OFF_REASON_KEY))
 
     # Frame 0's map all zeros (every camera ray ends at its first square), frame 1's the real one: the material
     # reads the map of the frame it renders (the job stands still: both frames' images are the same).
