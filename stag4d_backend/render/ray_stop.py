@@ -51,6 +51,8 @@ def stop_depths(means2d, conics, opacities, depths, cov2d, drawn, width: int, he
         if x1 < x0 or y1 < y0:
             continue
         box = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+        if done[box].all():  # behind what already hides everything here: most of a dense set
+            continue
         dx = mx - (np.arange(x0, x1 + 1) + 0.5)[None, :]
         dy = my - (np.arange(y0, y1 + 1) + 0.5)[:, None]
         a, b, c = conics[g]
