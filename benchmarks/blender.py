@@ -263,9 +263,10 @@ def time_render(job_dir: Path, size: int, samples: int, adaptive_min: int | None
 
 
 def ray_stop_fidelity(job_dir: Path, size: int, elevation: float, azimuth: float, samples: int = 1,
-                      filter_width: float = 0.01) -> dict:
+                      filter_width: float = 0.01, picture: Path | None = None) -> dict:
     """Cycles (Exact per Sample; by default 1 sample with the pixel-centre filter) of frame 0 without and with the
-    Ray Stop: each against the backend, and the two against each other, with their render times."""
+    Ray Stop: each against the backend, and the two against each other, with their render times. ``picture``:
+    backend | Cycles | Cycles with the Ray Stop, on white."""
     bpy = _bpy()
     from stag4d_backend.render.cameras import OrbitCamera
 
@@ -283,6 +284,16 @@ def ray_stop_fidelity(job_dir: Path, size: int, elevation: float, azimuth: float
         out[name] = render_and_compare(job_dir, scene, frame=0, size=size, samples=samples, elevation=elevation,
                                        azimuth=azimuth)
     out["between"] = fidelity(out["without"]["blender"], out["with"]["blender"])
+    if picture is not None:
+        from PIL import Image
+
+        cells = [_on_white(out["without"]["backend"]), _on_white(out["without"]["blender"]),
+                 _on_white(out["with"]["blender"])]
+        sheet = _captioned([np.concatenate(cells, 1)], ["backend", "Cycles", "Cycles + Ray Stop"],
+                           [f"Cycles {out['without']['render_s']:.1f} s, "
+                            f"with the Ray Stop {out['with']['render_s']:.1f} s"])
+        Path(picture).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sheet).save(picture)
     return out
 
 
@@ -604,7 +615,7 @@ def main() -> None:
                     help="with --fit: CYCLES, CYCLES_CONVERGING (Splat Sampling 'Converging', adaptive "
                          "sampling with min 4), BLENDER_EEVEE (software OpenGL here: slow), EXACT")
     ap.add_argument("--causes", action="store_true", help="with --fit: each cause of the difference undone alone")
-    ap.add_argument("--out", type=Path, help="with --fit: write the picture sheets here")
+    ap.add_argument("--out", type=Path, help="with --fit or --ray-stop-fidelity: write the picture sheets here")
     ap.add_argument("--render", type=int, nargs=2, metavar=("SIZE", "SAMPLES"),
                     help="also time a Cycles render (CPU, 2 threads) of frame 0 of each set, as imported")
     ap.add_argument("--converging", action="store_true",
@@ -630,7 +641,8 @@ def main() -> None:
     if args.fit:
         print(f"CPU: {_cpu_model()}; load before: {os.getloadavg()[0]:.1f}")
         if args.ray_stop_fidelity:
-            _print_ray_stop(ray_stop_fidelity(args.fit, args.size, *args.view, filter_width=args.filter_width))
+            _print_ray_stop(ray_stop_fidelity(args.fit, args.size, *args.view, filter_width=args.filter_width,
+                                              picture=args.out / "ray_stop.png" if args.out else None))
         elif args.causes:
             for r in simulated_causes(args.fit, args.size):
                 print(f"backend alone | {r['cause']} | frame {r['frame']} | PSNR {r['psnr_white']:.2f} dB | "
@@ -657,7 +669,8 @@ def main() -> None:
               f"{r['frame_p90_ms']:.1f} | {r['points_frame_ms']:.1f} | load {os.getloadavg()[0]:.1f}", flush=True)
         if args.render and args.ray_stop_fidelity:
             _print_ray_stop(ray_stop_fidelity(job, args.render[0], *args.view, samples=args.render[1],
-                                              filter_width=args.filter_width))
+                                              filter_width=args.filter_width,
+                                              picture=args.out / "ray_stop.png" if args.out else None))
         elif args.render:
             mode = "" if args.adaptive is None else f", adaptive sampling (min {args.adaptive})"
             sampling = "CONVERGING" if args.converging else "EXACT"
