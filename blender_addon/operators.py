@@ -319,7 +319,7 @@ class STAG4D_OT_ray_stop(bpy.types.Operator):
         except (BackendError, exact_display.ExactDisplayError) as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        out = job_dir / exact_display.FOLDER / bpy.path.clean_name(scene.camera.name)
+        out = job_dir / ray_stop.FOLDER / bpy.path.clean_name(scene.camera.name)
         exact_display.ExactRender(item.key, command, exact_display.model_dir(job_dir), views, out,
                                   kind="ray_stop", extra_args=("--stop-depth", "--stop-transmittance",
                                                                f"{scene.stag4d.ray_stop_transmittance:.6g}")).start()

@@ -34,6 +34,8 @@ import bpy
 
 from . import exact_display, splat_nodes
 
+FOLDER = "ray_stop"                  # under the job folder: ray_stop/<camera name>/ (its own views.json: the
+                                     # Exact Display's folder would rewrite it without remaking these maps)
 SCENE_KEY = "stag4d_ray_stop"        # JSON: folder, first, count, camera, splat object (set by enable)
 OFF_REASON_KEY = "stag4d_ray_stop_off"  # why the switch is off now ("" while it is on)
 MAX_FILTER_PX = 2.0                  # the maps are widened by one pixel each way: filters up to 2 px wide
