@@ -297,8 +297,9 @@ def ray_stop_fidelity(job_dir: Path, size: int, elevation: float, azimuth: float
     return out
 
 
-def make_ray_stop(bpy, scene) -> None:
-    """The panel's Ray Stop for the scene's first job, waited for (the backend's maps, then the material)."""
+def make_ray_stop(bpy, scene, timeout: float | None = None) -> None:
+    """The panel's Ray Stop for the scene's first job, waited for (the backend's maps, then the material); raises
+    if the job reports an error or the stop is off for the scene as it is."""
     import threading
 
     from blender_addon import ray_stop, state
@@ -307,7 +308,7 @@ def make_ray_stop(bpy, scene) -> None:
     assert bpy.ops.stag4d.ray_stop(key=item.key) == {"FINISHED"}
     for t in threading.enumerate():
         if t.name.startswith("stag4d-ray-stop"):
-            t.join()
+            t.join(timeout)
     state.process_updates()
     if item.error or scene.get(ray_stop.OFF_REASON_KEY):
         raise RuntimeError(f"ray stop: {item.error or scene.get(ray_stop.OFF_REASON_KEY)}")

@@ -26,7 +26,6 @@ to a float EXR; a pixel's value x 1024 is its number of crossings (capped by the
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -37,9 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-T_STOP = 1e-4          # the rasteriser's transmittance stop (stag4d_backend.render.reference)
-ALPHA_MIN = 1.0 / 255.0
-ALPHA_MAX = 0.999
+from stag4d_backend.render.reference import (ALPHA_THRESHOLD as ALPHA_MIN, MAX_ALPHA as ALPHA_MAX,  # noqa: E402
+                                             T_THRESHOLD as T_STOP)
 
 
 def footprints(job: Path, size: int, elevation: float, azimuth: float, frame: int = 0) -> dict:
@@ -65,14 +63,9 @@ def footprints(job: Path, size: int, elevation: float, azimuth: float, frame: in
 
 def _box(f: dict, g: int):
     """Pixel slices of Gaussian g's box (pixel centres inside it) and the centres' offsets from its mean."""
-    size, (mx, my) = f["size"], f["means2d"][g]
-    x0, x1 = max(0, math.ceil(mx - f["rx"][g] - 0.5)), min(size - 1, math.floor(mx + f["rx"][g] - 0.5))
-    y0, y1 = max(0, math.ceil(my - f["ry"][g] - 0.5)), min(size - 1, math.floor(my + f["ry"][g] - 0.5))
-    if x1 < x0 or y1 < y0:
-        return None
-    dx = mx - (np.arange(x0, x1 + 1) + 0.5)[None, :]
-    dy = my - (np.arange(y0, y1 + 1) + 0.5)[:, None]
-    return (slice(y0, y1 + 1), slice(x0, x1 + 1)), dx, dy
+    from stag4d_backend.render.ray_stop import pixel_box
+
+    return pixel_box(f["means2d"][g], f["rx"][g], f["ry"][g], f["size"], f["size"])
 
 
 def crossings(f: dict) -> dict:

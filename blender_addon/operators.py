@@ -243,6 +243,28 @@ class STAG4D_OT_match_camera(bpy.types.Operator):
         return {"FINISHED"}
 
 
+def _start_camera_views(op, scene, item, obj, folder: str, kind: str = "exact", extra_args=()) -> int | None:
+    """The scene camera for every frame (exact_display.views_for_scene) sent to ``stag4d render --views`` on a
+    thread, into <job>/<folder>/<camera>; the number of frames, or None (reported on ``op``) if it cannot start."""
+    from . import exact_display
+    from .backend.client import BackendError
+    from .backend.server_process import find_backend_command
+
+    job_dir = Path(item.collection.get("stag4d_dir", "") or item.directory)
+    try:
+        command = find_backend_command(bpy.path.abspath(get_prefs().python_path or ""))
+        manifest = importer.read_manifest(job_dir / "bake")
+        views = exact_display.views_for_scene(scene, obj, manifest.get("frame_values"))
+    except (BackendError, exact_display.ExactDisplayError) as exc:
+        op.report({"ERROR"}, str(exc))
+        return None
+    out = job_dir / folder / bpy.path.clean_name(scene.camera.name)
+    exact_display.ExactRender(item.key, command, exact_display.model_dir(job_dir), views, out, kind=kind,
+                              extra_args=extra_args).start()
+    item.error = ""
+    return len(views)
+
+
 class STAG4D_OT_exact_display(bpy.types.Operator):
     """Render the splats with the backend's own rasteriser through the scene camera for every frame of the scene
     and composite them over the scene by depth (exact colours; F12 and Render Animation use it). Run it again
@@ -257,8 +279,6 @@ class STAG4D_OT_exact_display(bpy.types.Operator):
 
     def execute(self, context):
         from . import exact_display
-        from .backend.client import BackendError
-        from .backend.server_process import find_backend_command
 
         item = _item(context, self.key)
         obj = item.gaussians if item is not None else None
@@ -270,18 +290,10 @@ class STAG4D_OT_exact_display(bpy.types.Operator):
             exact_display.remove_compositor(scene, obj)
             item.message = "Exact display off: the splat object renders itself again"
             return {"FINISHED"}
-        job_dir = Path(item.collection.get("stag4d_dir", "") or item.directory)
-        try:
-            command = find_backend_command(bpy.path.abspath(get_prefs().python_path or ""))
-            manifest = importer.read_manifest(job_dir / "bake")
-            views = exact_display.views_for_scene(scene, obj, manifest.get("frame_values"))
-        except (BackendError, exact_display.ExactDisplayError) as exc:
-            self.report({"ERROR"}, str(exc))
+        count = _start_camera_views(self, scene, item, obj, exact_display.FOLDER)
+        if count is None:
             return {"CANCELLED"}
-        out = job_dir / exact_display.FOLDER / bpy.path.clean_name(scene.camera.name)
-        exact_display.ExactRender(item.key, command, exact_display.model_dir(job_dir), views, out).start()
-        item.error = ""
-        item.message = f"Exact display: the backend renders {len(views)} frames..."
+        item.message = f"Exact display: the backend renders {count} frames..."
         return {"FINISHED"}
 
 
@@ -297,9 +309,7 @@ class STAG4D_OT_ray_stop(bpy.types.Operator):
     remove: BoolProperty(default=False, options={"SKIP_SAVE"}, description="Turn the ray stop off")
 
     def execute(self, context):
-        from . import exact_display, ray_stop
-        from .backend.client import BackendError
-        from .backend.server_process import find_backend_command
+        from . import ray_stop
 
         item = _item(context, self.key)
         obj = item.gaussians if item is not None else None
@@ -311,20 +321,12 @@ class STAG4D_OT_ray_stop(bpy.types.Operator):
             ray_stop.disable(scene)
             item.message = "Ray stop off: Cycles rays cross every splat again"
             return {"FINISHED"}
-        job_dir = Path(item.collection.get("stag4d_dir", "") or item.directory)
-        try:
-            command = find_backend_command(bpy.path.abspath(get_prefs().python_path or ""))
-            manifest = importer.read_manifest(job_dir / "bake")
-            views = exact_display.views_for_scene(scene, obj, manifest.get("frame_values"))
-        except (BackendError, exact_display.ExactDisplayError) as exc:
-            self.report({"ERROR"}, str(exc))
+        count = _start_camera_views(self, scene, item, obj, ray_stop.FOLDER, kind="ray_stop",
+                                    extra_args=("--stop-depth", "--stop-transmittance",
+                                                f"{scene.stag4d.ray_stop_transmittance:.6g}"))
+        if count is None:
             return {"CANCELLED"}
-        out = job_dir / ray_stop.FOLDER / bpy.path.clean_name(scene.camera.name)
-        exact_display.ExactRender(item.key, command, exact_display.model_dir(job_dir), views, out,
-                                  kind="ray_stop", extra_args=("--stop-depth", "--stop-transmittance",
-                                                               f"{scene.stag4d.ray_stop_transmittance:.6g}")).start()
-        item.error = ""
-        item.message = f"Ray stop: the backend maps {len(views)} frames..."
+        item.message = f"Ray stop: the backend maps {count} frames..."
         return {"FINISHED"}
 
 

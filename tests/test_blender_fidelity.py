@@ -347,15 +347,6 @@ def opaque_job(tmp_path_factory) -> Path:
                             seed=4)
 
 
-def _make_ray_stop(item) -> None:
-    assert bpy.ops.stag4d.ray_stop(key=item.key) == {"FINISHED"}
-    for t in threading.enumerate():
-        if t.name.startswith("stag4d-ray-stop"):
-            t.join(120)
-    state.process_updates()
-    assert not item.error, item.error
-
-
 def _switch():
     from blender_addon import splat_nodes
 
@@ -370,7 +361,7 @@ def test_ray_stop_keeps_the_image_and_turns_off_when_the_camera_moves(addon, opa
     on."""
     from PIL import Image
 
-    from blender import ensure_camera, fidelity, render_and_compare
+    from blender import ensure_camera, fidelity, make_ray_stop, render_and_compare
 
     from blender_addon import ray_stop
 
@@ -384,7 +375,8 @@ def test_ray_stop_keeps_the_image_and_turns_off_when_the_camera_moves(addon, opa
     item = scene.stag4d.jobs[0]
     plain = render_and_compare(opaque_job, scene, size=size, samples=1, **view)
     assert _switch().outputs[0].default_value == 0.0
-    _make_ray_stop(item)
+    make_ray_stop(bpy, scene, timeout=120)  # raises on a job error or a stop that is off
+    assert not item.error, item.error
     rec = ray_stop.record(scene)
     stops = np.array(Image.open(Path(rec["folder"]) / "stop_0001.png"))
     covered = plain["backend"][..., 3] > 127

@@ -81,11 +81,16 @@ def read_views(path: str | Path) -> list[dict]:
 
 
 @torch.no_grad()
-def render_view_rgba_depth(animated, view: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(straight RGBA float [H, W, 4] in 0..1, expected depth [H, W] in Blender units, inf where empty)."""
+def view_gaussians(animated, view: dict):
+    """The model's Gaussians at the view's frame, coloured for its camera position."""
+    return animated.at_frame(view["frame"], to_torch(np.linalg.inv(view["viewmat"])[:3, 3]))
+
+
+@torch.no_grad()
+def render_view_rgba_depth(g, view: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(straight RGBA float [H, W, 4] in 0..1, expected depth [H, W] in Blender units, inf where empty) of the
+    view's Gaussians ``g`` (view_gaussians)."""
     viewmat = view["viewmat"]
-    campos = to_torch(np.linalg.inv(viewmat)[:3, 3])
-    g = animated.at_frame(view["frame"], campos)
     res = rasterize(g.means, g.quats, g.scales, g.opacities, g.colors, to_torch(viewmat), to_torch(view["K"]),
                     view["width"], view["height"], (0.0, 0.0, 0.0))
     rgba = straight_rgba(res).numpy()
@@ -95,11 +100,11 @@ def render_view_rgba_depth(animated, view: dict) -> tuple[np.ndarray, np.ndarray
 
 
 @torch.no_grad()
-def render_view_stop_depth(animated, view: dict, t_stop: float = T_THRESHOLD) -> np.ndarray:
-    """[H, W] camera depth (Blender units) past which the rasteriser draws nothing at or next to each pixel (with
-    ``t_stop`` above 1e-4: at most ``t_stop`` of the colour behind); inf where it never stops."""
+def render_view_stop_depth(g, view: dict, t_stop: float = T_THRESHOLD) -> np.ndarray:
+    """[H, W] camera depth (Blender units) past which the rasteriser draws nothing of the view's Gaussians ``g``
+    at or next to each pixel (with ``t_stop`` above 1e-4: at most ``t_stop`` of the colour behind); inf where it
+    never stops."""
     viewmat = view["viewmat"]
-    g = animated.at_frame(view["frame"], to_torch(np.linalg.inv(viewmat)[:3, 3]))
     p = project_gaussians(g.means, g.quats, g.scales, g.opacities.reshape(-1), to_torch(viewmat),
                           to_torch(view["K"]), view["width"], view["height"])
     drawn = (p.radii > 0).all(-1) if p.radii.dim() == 2 else p.radii > 0
@@ -130,12 +135,13 @@ def render_views(out_dir: str | Path, views_json: str | Path, images_dir: str | 
     images_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for v in views:
-        rgba, depth = render_view_rgba_depth(animated, v)
+        g = view_gaussians(animated, v)  # evaluated once for the images and the stop map
+        rgba, depth = render_view_rgba_depth(g, v)
         rgba_path = images_dir / f"rgba_{v['index']:04d}.png"
         _save(Image.fromarray(to_uint8(rgba), "RGBA"), rgba_path)
         _save(Image.fromarray(depth_steps(depth)), images_dir / f"depth_{v['index']:04d}.png")
         if stop_depth:  # rounded up: a ray is never ended before the rasteriser's stop
-            stop = depth_steps(render_view_stop_depth(animated, v, stop_transmittance), round_up=True)
+            stop = depth_steps(render_view_stop_depth(g, v, stop_transmittance), round_up=True)
             _save(Image.fromarray(stop), images_dir / f"stop_{v['index']:04d}.png")
         written.append(rgba_path)
         if on_view is not None:

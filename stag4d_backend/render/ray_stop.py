@@ -22,6 +22,19 @@ import numpy as np
 from .reference import ALPHA_THRESHOLD, MAX_ALPHA, T_THRESHOLD
 
 
+def pixel_box(mean2d, half_x: float, half_y: float, width: int, height: int):
+    """The pixels whose centres lie within ``mean2d +- (half_x, half_y)``: (row and column slices, the centres'
+    x and y offsets from the mean as a row and a column), or None if there are none in the image."""
+    mx, my = mean2d
+    x0, x1 = max(0, math.ceil(mx - half_x - 0.5)), min(width - 1, math.floor(mx + half_x - 0.5))
+    y0, y1 = max(0, math.ceil(my - half_y - 0.5)), min(height - 1, math.floor(my + half_y - 0.5))
+    if x1 < x0 or y1 < y0:
+        return None
+    dx = mx - (np.arange(x0, x1 + 1) + 0.5)[None, :]
+    dy = my - (np.arange(y0, y1 + 1) + 0.5)[:, None]
+    return (slice(y0, y1 + 1), slice(x0, x1 + 1)), dx, dy
+
+
 def stop_depths(means2d, conics, opacities, depths, cov2d, drawn, width: int, height: int,
                 t_stop: float = T_THRESHOLD) -> np.ndarray:
     """[H, W] camera depth of the Gaussian at which each pixel's compositing stops; inf where it never does.
@@ -45,16 +58,12 @@ def stop_depths(means2d, conics, opacities, depths, cov2d, drawn, width: int, he
     for g in np.argsort(depths, kind="stable"):  # the rasteriser's order (a stable sort by depth)
         if not drawn[g]:
             continue
-        mx, my = means2d[g]
-        x0, x1 = max(0, math.ceil(mx - half_x[g] - 0.5)), min(width - 1, math.floor(mx + half_x[g] - 0.5))
-        y0, y1 = max(0, math.ceil(my - half_y[g] - 0.5)), min(height - 1, math.floor(my + half_y[g] - 0.5))
-        if x1 < x0 or y1 < y0:
+        found = pixel_box(means2d[g], half_x[g], half_y[g], width, height)
+        if found is None:
             continue
-        box = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+        box, dx, dy = found
         if done[box].all():  # behind what already hides everything here: most of a dense set
             continue
-        dx = mx - (np.arange(x0, x1 + 1) + 0.5)[None, :]
-        dy = my - (np.arange(y0, y1 + 1) + 0.5)[:, None]
         a, b, c = conics[g]
         sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
         alpha = np.minimum(opacities[g] * np.exp(-sigma), MAX_ALPHA)
