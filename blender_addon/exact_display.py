@@ -165,7 +165,8 @@ def _output(tree):
     return node, node.inputs[0]
 
 
-def _sequence(folder: Path, prefix: str, first: int, count: int, colorspace: str):
+def image_sequence(folder: Path, prefix: str, first: int, count: int, colorspace: str):
+    """``folder``'s <prefix>_NNNN.png from frame ``first`` on as one image sequence (replacing an earlier load)."""
     path = folder / f"{prefix}_{first:04d}.png"
     name = f"{NODE_PREFIX} {folder.name} {prefix}"
     img = bpy.data.images.get(name)
@@ -208,8 +209,8 @@ def setup_compositor(scene, folder: Path, first: int, count: int, splat_obj=None
         layers.location = (-600, 300)
     for layer in scene.view_layers:
         layer.use_pass_z = True
-    rgba = _image_node(tree, _sequence(folder, "rgba", first, count, "sRGB"), first, count, -600, -100)
-    depth = _image_node(tree, _sequence(folder, "depth", first, count, "Non-Color"), first, count, -600, -400)
+    rgba = _image_node(tree, image_sequence(folder, "rgba", first, count, "sRGB"), first, count, -600, -100)
+    depth = _image_node(tree, image_sequence(folder, "depth", first, count, "Non-Color"), first, count, -600, -400)
     links = tree.links
     scene_img, scene_z = layers.outputs["Image"], layers.outputs["Depth"]
     splat_img = rgba.outputs["Image"]

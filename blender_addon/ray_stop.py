@@ -61,15 +61,7 @@ def enable(scene, folder: Path, first: int, count: int, camera_name: str, splat_
     stop_map, switch = _nodes()
     if stop_map is None or switch is None:
         raise RuntimeError("the splat material has no ray stop nodes: re-import the job")
-    name = f"{exact_display.NODE_PREFIX} {folder.name} stop"
-    old = bpy.data.images.get(name)
-    if old is not None:
-        bpy.data.images.remove(old)
-    img = bpy.data.images.load(str(folder / f"stop_{first:04d}.png"), check_existing=False)
-    img.name = name
-    img.source = "SEQUENCE"
-    img.colorspace_settings.name = "Non-Color"
-    stop_map.image = img
+    stop_map.image = exact_display.image_sequence(folder, "stop", first, count, "Non-Color")
     user = stop_map.image_user
     user.frame_start, user.frame_offset, user.frame_duration = first, first - 1, count
     user.use_auto_refresh = True
